@@ -1,0 +1,28 @@
+"""remat: train models that would not otherwise fit in memory, at the least cost in speed.
+
+    model = torch.compile(model, backend="remat", options={...})
+    # or
+    model = remat.compile(model, inner_compiler="eager")
+    ...
+    print(remat.explain(model))   # what was kept, what is recomputed, and why
+"""
+
+from remat.backend import compile, remat_backend
+from remat.options import RematOptions
+from remat.partition import RematFallbackWarning
+from remat.plan import Decision, Plan
+from remat.registry import explain, plans
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decision",
+    "Plan",
+    "RematFallbackWarning",
+    "RematOptions",
+    "compile",
+    "explain",
+    "plans",
+    "remat_backend",
+    "__version__",
+]

@@ -1,0 +1,210 @@
+"""The only module that touches private PyTorch APIs.
+
+remat replaces one decision of PyTorch's partitioner (which forward values the
+backward keeps) and reuses everything around it: AOTAutograd's joint tracing,
+PyTorch's preparation of the joint graph (CSE, checkpoint tags, collectives and
+effectful ops forced to be saved, mutated inputs), the extraction of the forward
+and backward graphs, RNG functionalization and the backward reordering. Keeping all
+of that in PyTorch's hands is what makes the rewrite safe; keeping every private
+name in this file is what makes a PyTorch upgrade a one-file change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+MIN_TORCH = (2, 11)
+
+_version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+if _version < MIN_TORCH:  # pragma: no cover - guarded by pyproject's torch>=2.11
+    raise ImportError(
+        f"remat needs torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}; found torch {torch.__version__}"
+    )
+
+from torch._functorch import partitioners as _partitioners  # noqa: E402
+from torch._functorch.aot_autograd import aot_module_simplified  # noqa: E402
+from torch._functorch._aot_autograd.utils import _is_primal  # noqa: E402
+from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: E402
+from torch._inductor.decomposition import select_decomp_table  # noqa: E402
+from torch.utils.checkpoint import CheckpointPolicy  # noqa: E402
+
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as _optimization_hint
+except ImportError:  # torch < 2.12
+    _optimization_hint = None
+    from torch.fx.experimental.symbolic_shapes import hint_int as _hint_int
+
+PartitionFn = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
+
+
+@dataclass(frozen=True)
+class JointInfo:
+    """What the partitioner knows about each node of the joint graph.
+
+    required_fw: needed to compute the forward outputs.
+    required_bw: needed in the backward (tangent-dependent nodes and the gradients).
+    tangents_closure: nodes that depend on a tangent, so can only run in the backward.
+    inputs: primal inputs (parameters, buffers, user inputs).
+    """
+
+    required_fw: frozenset[fx.Node]
+    required_bw: frozenset[fx.Node]
+    tangents_closure: frozenset[fx.Node]
+    inputs: tuple[fx.Node, ...]
+
+
+ChooseSavedValues = Callable[[fx.Graph, JointInfo], list[fx.Node]]
+
+_patch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _choose_saved_values(choose: ChooseSavedValues) -> Iterator[None]:
+    """Make PyTorch's min-cut partition ask ``choose`` which values to save."""
+
+    def replacement(joint_graph: fx.Graph, node_info: Any, memory_budget: float = 1.0) -> list[fx.Node]:
+        info = JointInfo(
+            required_fw=frozenset(node_info.required_fw_nodes),
+            required_bw=frozenset(node_info.required_bw_nodes),
+            tangents_closure=frozenset(getattr(node_info, "tangents_closure", node_info.required_bw_nodes)),
+            inputs=tuple(node_info.inputs),
+        )
+        return choose(joint_graph, info)
+
+    with _patch_lock:
+        original = _partitioners.choose_saved_values_set
+        _partitioners.choose_saved_values_set = replacement
+        try:
+            yield
+        finally:
+            _partitioners.choose_saved_values_set = original
+
+
+def partition_with(
+    choose: ChooseSavedValues,
+    joint_module: fx.GraphModule,
+    joint_inputs: Sequence[Any],
+    *,
+    num_fwd_outputs: int,
+    **kwargs: Any,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Partition ``joint_module`` with PyTorch's machinery and ``choose``'s decision."""
+    with _choose_saved_values(choose):
+        return _partitioners.min_cut_rematerialization_partition(
+            joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+        )
+
+
+def pytorch_default_partition(
+    joint_module: fx.GraphModule,
+    joint_inputs: Sequence[Any],
+    *,
+    num_fwd_outputs: int,
+    **kwargs: Any,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """PyTorch's own min-cut partition, the one ``torch.compile`` uses by default."""
+    return _partitioners.min_cut_rematerialization_partition(
+        joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+    )
+
+
+def is_primal(node: fx.Node) -> bool:
+    return _is_primal(node)
+
+
+def checkpoint_policy(node: fx.Node) -> str | None:
+    """'must_save' / 'must_recompute' from torch.utils.checkpoint policies, if tagged."""
+    policy = node.meta.get("recompute")
+    if policy == CheckpointPolicy.MUST_SAVE:
+        return "must_save"
+    if policy in (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE):
+        return "must_recompute"
+    return None
+
+
+def is_builtin_op(target: object) -> bool:
+    """True for aten/prims ops, whose semantics (and side effects) PyTorch defines."""
+    return isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "prims")
+
+
+def sym_expr(value: torch.SymInt) -> Any:
+    """The sympy expression behind a SymInt."""
+    return value.node.expr
+
+
+def size_hint(value: int | torch.SymInt) -> int:
+    """A SymInt's value at the shape hints (the sizes seen while tracing), without guarding."""
+    if not isinstance(value, torch.SymInt):
+        return int(value)
+    if _optimization_hint is not None:  # torch >= 2.12
+        return _optimization_hint(value)
+    return _hint_int(value)
+
+
+@functools.cache
+def decomposition_table() -> dict[Any, Callable[..., Any]]:
+    """Inductor's decompositions, used for both inner compilers so plans agree."""
+    return select_decomp_table()
+
+
+def _boxed_nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """Run a graph op by op (AOTAutograd's boxed calling convention)."""
+
+    def run(args: list[Any]) -> Any:
+        return gm(*args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
+def compile_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn) -> Callable[..., Any]:
+    """Trace the joint graph with AOTAutograd, partition it, run both graphs eagerly."""
+    return aot_module_simplified(
+        gm,
+        example_inputs,
+        fw_compiler=_boxed_nop,
+        bw_compiler=_boxed_nop,
+        partition_fn=partition_fn,
+        decompositions=decomposition_table(),
+    )
+
+
+class _InductorPartitioner(CustomPartitionerFn):
+    """Adapter: Inductor's hook for a custom partitioner calls remat's."""
+
+    def __init__(self, partition_fn: PartitionFn) -> None:
+        self.partition_fn = partition_fn
+
+    def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+        kwargs.pop("compiler", None)
+        return self.partition_fn(gm, joint_inputs, **kwargs)
+
+    def uuid(self) -> str:
+        # Keys Inductor's cache of compiled forward/backward graphs, which are fixed
+        # once partitioned; the AOTAutograd cache, which would skip the partitioner
+        # (and the Plan), is turned off in compile_inductor.
+        return "remat-partitioner"
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        # Inductor pickles its config into cache keys; this object holds callbacks.
+        return (str, (self.uuid(),))
+
+
+def compile_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn) -> Callable[..., Any]:
+    """Compile with Inductor, with remat's partitioner in place of the default one."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(
+            gm,
+            example_inputs,
+            config_patches={"custom_partitioner_fn": _InductorPartitioner(partition_fn)},
+        )

@@ -1,0 +1,57 @@
+"""The ``remat`` backend for torch.compile.
+
+Registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="remat", options={...})`` works without importing remat.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from remat import registry, tracer
+from remat.options import RematOptions
+from remat.partition import RematPartitioner
+
+_graph_ids = itertools.count()
+
+
+def remat_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Mapping[str, Any] | RematOptions | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """Compile one Dynamo graph: joint trace, remat partition, inner compiler."""
+    if mode not in (None, "default"):
+        raise ValueError(
+            f"the remat backend takes no torch.compile mode; got mode={mode!r}. "
+            "Pass remat's settings as options={...} instead"
+        )
+    opts = RematOptions.from_mapping(options)
+    parameters = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    partitioner = RematPartitioner(
+        opts,
+        graph_name=f"graph_{next(_graph_ids)}",
+        on_plan=lambda plan: registry.record(parameters, plan),
+    )
+    return tracer.compile_joint(gm, example_inputs, partitioner, opts.inner_compiler)
+
+
+def compile(  # noqa: A001 - mirrors torch.compile
+    model: torch.nn.Module | Callable[..., Any],
+    *,
+    dynamic: bool | None = None,
+    fullgraph: bool = False,
+    **options: Any,
+) -> Any:
+    """``torch.compile(model, backend="remat", options=options)``, validated up front."""
+    opts = RematOptions.from_mapping(options)
+    return torch.compile(
+        model, backend=remat_backend, dynamic=dynamic, fullgraph=fullgraph, options=opts.to_dict()
+    )

@@ -1,0 +1,69 @@
+"""Sizes of the tensors in an FX graph.
+
+Shapes may be symbolic (``dynamic=True``): sizes are kept as sympy expressions, so a
+plan can say how memory scales with the batch, and evaluated with the shape hints
+(the sizes seen when the graph was traced) where a number is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from remat._torch_internals import size_hint, sym_expr
+
+
+@dataclass(frozen=True)
+class Size:
+    """A number of bytes: the symbolic expression and its value at the shape hints."""
+
+    expr: sympy.Expr
+    hint: int
+
+    def __str__(self) -> str:
+        return str(self.expr)
+
+
+def as_size(value: int | torch.SymInt, scale: int = 1) -> Size:
+    """Wrap an int or SymInt (times ``scale``) as a Size."""
+    if isinstance(value, torch.SymInt):
+        return Size(sympy.sympify(sym_expr(value)) * scale, size_hint(value) * scale)
+    return Size(sympy.Integer(int(value) * scale), int(value) * scale)
+
+
+def tensor_size(value: torch.Tensor) -> Size:
+    """Bytes of a tensor's own elements (numel x itemsize)."""
+    return as_size(value.numel(), value.element_size())
+
+
+def storage_size(value: torch.Tensor) -> Size:
+    """Bytes of the storage a tensor lives in: what keeping the tensor alive costs."""
+    return as_size(value.untyped_storage().nbytes())
+
+
+def node_tensor(node: fx.Node) -> torch.Tensor | None:
+    """The (fake) tensor a node produces, or None for non-tensor nodes."""
+    value = node.meta.get("val")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def unique_storage_bytes(nodes: list[fx.Node], exclude: list[fx.Node] = ()) -> int:
+    """Bytes of the distinct storages behind ``nodes``, skipping storages of ``exclude``.
+
+    Views share their base's storage and count once; values that alias an excluded
+    node (say, a transposed parameter) cost nothing extra.
+    """
+    excluded = {StorageWeakRef(t.untyped_storage()) for t in map(node_tensor, exclude) if t is not None}
+    seen: dict[StorageWeakRef, int] = {}
+    for node in nodes:
+        value = node_tensor(node)
+        if value is None:
+            continue
+        ref = StorageWeakRef(value.untyped_storage())
+        if ref not in excluded:
+            seen[ref] = storage_size(value).hint
+    return sum(seen.values())

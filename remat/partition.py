@@ -1,0 +1,101 @@
+"""Partition the joint graph into forward and backward graphs, and record the Plan.
+
+remat's min-cut decides what the backward keeps; PyTorch's partitioner machinery
+builds the two graphs from that decision. If planning fails, the graph falls back to
+PyTorch's default partition with one warning (or raises, if the user asked), so a
+training run never breaks because of the planner.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx as fx
+
+from remat import _torch_internals as internals
+from remat.options import RematOptions
+from remat.passes.remat import MinCutResult, solve_min_cut
+from remat.plan import Plan, decisions_from_graphs, saved_activation_bytes
+
+log = logging.getLogger("remat")
+
+
+class RematFallbackWarning(UserWarning):
+    """Planning failed on a graph; PyTorch's default partition was used instead."""
+
+
+class RematPartitioner:
+    """A ``partition_fn`` for AOTAutograd that hands each graph's Plan to ``on_plan``."""
+
+    def __init__(self, options: RematOptions, graph_name: str, on_plan: Callable[[Plan], None]) -> None:
+        self.options = options
+        self.graph_name = graph_name
+        self.on_plan = on_plan
+
+    def __call__(
+        self,
+        joint_module: fx.GraphModule,
+        joint_inputs: Sequence[Any],
+        *,
+        num_fwd_outputs: int,
+        **kwargs: Any,
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        results: list[MinCutResult] = []
+
+        def choose(graph: fx.Graph, info: internals.JointInfo) -> list[fx.Node]:
+            results.append(solve_min_cut(graph, info))
+            return results[-1].saved
+
+        try:
+            fw, bw = internals.partition_with(
+                choose, joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+            )
+            plan = self._plan(fw, bw, num_fwd_outputs, results[-1] if results else None)
+        except Exception as error:
+            if self.options.on_plan_failure == "raise":
+                raise
+            reason = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"remat could not plan graph {self.graph_name} ({reason}); using PyTorch's "
+                "default partition for it. Training goes on; pass "
+                "options={'on_plan_failure': 'raise'} to see the error.",
+                RematFallbackWarning,
+                stacklevel=2,
+            )
+            log.debug("remat planning failed on %s", self.graph_name, exc_info=True)
+            fw, bw = internals.pytorch_default_partition(
+                joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+            )
+            plan = self._plan(fw, bw, num_fwd_outputs, None, fallback_reason=reason)
+        self.on_plan(plan)
+        return fw, bw
+
+    def _plan(
+        self,
+        fw: fx.GraphModule,
+        bw: fx.GraphModule,
+        num_fwd_outputs: int,
+        cut: MinCutResult | None,
+        fallback_reason: str | None = None,
+    ) -> Plan:
+        if fallback_reason is not None:
+            keep_reasons, default = {}, "chosen by PyTorch's default partitioner (fallback)"
+        elif cut is None:
+            keep_reasons, default = {}, "no forward value feeds the backward: nothing to decide"
+        else:
+            keep_reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
+            default = "min-cut: part of the cheapest set of values to keep"
+        plan = Plan(
+            graph=self.graph_name,
+            inner_compiler=self.options.inner_compiler,
+            partitioner="pytorch-default" if fallback_reason else "remat-min-cut",
+            decisions=decisions_from_graphs(fw, bw, num_fwd_outputs, keep_reasons, default),
+            saved_bytes=saved_activation_bytes(fw, num_fwd_outputs),
+            options=self.options.to_dict(),
+            fallback_reason=fallback_reason,
+        )
+        log.info("%s", plan.summary())
+        return plan

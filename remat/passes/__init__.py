@@ -1,0 +1,1 @@
+"""Graph passes over the joint forward+backward graph, one job per module."""

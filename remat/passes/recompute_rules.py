@@ -1,0 +1,64 @@
+"""Which forward ops may be recomputed in the backward, and why not when they may not.
+
+A rewrite that cannot be proven safe is not made: random ops (their replay would draw
+new numbers), ops with side effects, collectives and ops outside aten/prims (whose
+effects remat cannot see) are never recomputed. Compute-heavy ops (matmul,
+convolution, attention) are kept rather than recomputed: recomputing them costs more
+time than the memory is worth without a budget asking for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from remat._torch_internals import checkpoint_policy, is_builtin_op, is_primal
+
+aten = torch.ops.aten
+
+HEAVY_OPS = frozenset(
+    {
+        aten.mm,
+        aten.bmm,
+        aten.addmm,
+        aten.baddbmm,
+        aten.convolution,
+        aten._convolution,
+        aten.convolution_backward,
+        aten._scaled_dot_product_flash_attention,
+        aten._scaled_dot_product_flash_attention_for_cpu,
+        aten._scaled_dot_product_efficient_attention,
+        aten._scaled_dot_product_cudnn_attention,
+        aten._flash_attention_forward,
+        aten._efficient_attention_forward,
+    }
+)
+
+
+def is_view(node: fx.Node) -> bool:
+    """Views cost nothing to recompute, so remat never saves one: it saves the base."""
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+
+
+def ban_reason(node: fx.Node) -> str | None:
+    """Why ``node`` must not be recomputed in the backward, or None if it may be."""
+    if node.op == "placeholder":
+        return "graph input" if is_primal(node) else None
+    if node.op != "call_function" or is_view(node):
+        return None
+    if checkpoint_policy(node) == "must_save":
+        return "tagged MUST_SAVE by a checkpoint policy"
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return None if target.__module__ == "_operator" else f"non-aten callable {target}"
+    if target.namespace == "_c10d_functional":
+        return "collective"
+    if not is_builtin_op(target):
+        return f"custom op {target} (side effects unknown)"
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return "random op (a replay would draw different numbers)"
+    if target._schema.is_mutable or node.is_impure():
+        return "mutates its inputs or has side effects"
+    if target.overloadpacket in HEAVY_OPS:
+        return "compute-heavy op (matmul, convolution or attention)"
+    return None

@@ -1,0 +1,99 @@
+"""Choose which forward values the backward keeps, by a min-cut on a networkx flow graph.
+
+Every node ``n`` of the joint graph becomes two vertices ``n_in -> n_out``; cutting that
+edge means "keep n for the backward" and costs its bytes. Forward values the backward
+does not keep must be recomputed from kept ones. A minimum cut between the forward
+inputs (source) and the backward (sink) is the set of kept values that costs the
+fewest bytes.
+
+The capacities are exact integers ``bytes * M + recompute_cost`` where M exceeds the sum
+of every recompute cost, so the cut minimizes kept bytes first and, among the cuts that
+keep the fewest bytes, the work recomputed in the backward. Nodes that must not be
+recomputed (see ``recompute_rules``) are tied to the source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from remat._torch_internals import JointInfo, checkpoint_policy, is_primal
+from remat.cost_models.flops import recompute_cost
+from remat.cost_models.sizes import node_tensor, tensor_size
+from remat.passes.recompute_rules import ban_reason, is_view
+
+SOURCE, SINK = "__source__", "__sink__"
+
+
+@dataclass
+class MinCutResult:
+    """The kept values, and for every node that may not be recomputed, why not."""
+
+    saved: list[fx.Node]
+    banned: dict[str, str] = field(default_factory=dict)
+    cut_bytes: int = 0
+
+
+def _keep_bytes(node: fx.Node) -> int | None:
+    """Bytes that keeping ``node`` costs; None where it cannot be kept (no edge limit)."""
+    if is_primal(node):
+        return 0  # parameters and inputs are alive for the whole step anyway
+    value = node.meta.get("val")
+    if isinstance(value, (torch.SymInt, torch.SymBool)):
+        return 0
+    if isinstance(value, torch.SymFloat):
+        return None
+    tensor = node_tensor(node)
+    if tensor is None:
+        # tuples of tensors are kept through their getitems; opaque objects
+        # (BackwardState and the like) carry no memory
+        return None if isinstance(value, (tuple, list)) or value is None else 0
+    if is_view(node):
+        return None
+    return tensor_size(tensor).hint
+
+
+def solve_min_cut(
+    graph: fx.Graph,
+    info: JointInfo,
+    cost: Callable[[fx.Node], int] = recompute_cost,
+) -> MinCutResult:
+    """Return the values the backward keeps; see the module docstring for the model."""
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    banned = {n.name: r for n in nodes if n in info.required_fw and (r := ban_reason(n))}
+    costs = {n: cost(n) for n in nodes if n in info.required_fw and n.name not in banned}
+    scale = sum(costs.values()) + 1
+
+    flow = nx.DiGraph()
+    flow.add_node(SOURCE)
+    flow.add_node(SINK)
+    for node in nodes:
+        n_in, n_out = f"{node.name}_in", f"{node.name}_out"
+        if node in info.required_bw:
+            if node in info.tangents_closure:
+                flow.add_edge(n_in, SINK)  # runs in the backward: nothing to decide
+                continue
+            flow.add_edge(n_out, SINK)  # the backward reads it
+        if checkpoint_policy(node) == "must_recompute":
+            flow.add_edge(n_in, SINK)
+            continue
+        if node.name in banned:
+            flow.add_edge(SOURCE, n_in)
+        elif costs.get(node):
+            flow.add_edge(SOURCE, n_in, capacity=costs[node])
+        keep = _keep_bytes(node)
+        if keep is None:
+            flow.add_edge(n_in, n_out)  # no capacity: infinite
+        else:
+            flow.add_edge(n_in, n_out, capacity=keep * scale)
+        for user in node.users:
+            if user.op != "output":
+                flow.add_edge(n_out, f"{user.name}_in")
+
+    cut_value, (reachable, _) = nx.minimum_cut(flow, SOURCE, SINK)
+    saved = [n for n in nodes if f"{n.name}_in" in reachable and f"{n.name}_out" not in reachable]
+    return MinCutResult(saved=saved, banned=banned, cut_bytes=int(cut_value) // scale)

@@ -1,0 +1,145 @@
+"""The backend end to end: registration, Plans, fallback on planner failure."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+import remat
+import remat.partition
+from remat.plan import Plan
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4))
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _step(model, x):
+    loss = model(x).square().mean()
+    loss.backward()
+    return loss.detach()
+
+
+def test_backend_registered_without_import():
+    """torch.compile finds "remat" through the entry point, in an interpreter that never imports remat."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        out = torch.compile(m, backend="remat", options={"inner_compiler": "eager"})(torch.randn(3, 4))
+        out.sum().backward()
+        assert all(p.grad is not None for p in m.parameters())
+        assert "remat" in sys.modules, "the backend did not run"
+        print("ok")
+        """
+    )
+    assert "import remat" not in script
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_explain_returns_the_plan_and_it_round_trips():
+    model = _model()
+    compiled = remat.compile(model, inner_compiler="eager")
+    _step(compiled, torch.randn(4, 8))
+    plan = remat.explain(compiled)
+    assert plan is remat.explain(model)
+    assert plan.partitioner == "remat-min-cut" and plan.fallback_reason is None
+    assert {d.action for d in plan.decisions} == {"keep", "recompute"}
+    assert all(d.reason for d in plan.decisions)
+    assert Plan.from_json(plan.to_json()) == plan
+    assert "remat plan for" in str(plan)
+
+
+def test_explain_before_training_call_is_a_clear_error():
+    with pytest.raises(ValueError, match="no remat plan"):
+        remat.explain(_model())
+    with pytest.raises(TypeError, match="nn.Module"):
+        remat.explain(lambda x: x)
+
+
+def test_inference_runs_without_a_plan():
+    model = _model()
+    compiled = remat.compile(model, inner_compiler="eager")
+    with torch.no_grad():
+        out = compiled(torch.randn(2, 8))
+    assert out.shape == (2, 4)
+    assert remat.plans(model) == []
+
+
+def test_planner_failure_falls_back_with_one_warning(monkeypatch):
+    def broken_solver(*args, **kwargs):
+        raise RuntimeError("injected planner failure")
+
+    monkeypatch.setattr(remat.partition, "solve_min_cut", broken_solver)
+    model, reference = _model(), _model()
+    x = torch.randn(4, 8)
+    compiled = remat.compile(model, inner_compiler="eager")
+    with pytest.warns(remat.RematFallbackWarning, match="injected planner failure") as record:
+        loss = _step(compiled, x)
+    assert len([w for w in record if issubclass(w.category, remat.RematFallbackWarning)]) == 1
+    torch.testing.assert_close(loss, _step(reference, x))
+    for got, want in zip(_grads(model), _grads(reference)):
+        torch.testing.assert_close(got, want)
+    plan = remat.explain(model)
+    assert plan.partitioner == "pytorch-default"
+    assert "injected planner failure" in plan.fallback_reason
+
+
+def test_planner_failure_raises_when_asked(monkeypatch):
+    def broken_solver(*args, **kwargs):
+        raise RuntimeError("injected planner failure")
+
+    monkeypatch.setattr(remat.partition, "solve_min_cut", broken_solver)
+    compiled = remat.compile(_model(), inner_compiler="eager", on_plan_failure="raise")
+    with pytest.raises(Exception, match="injected planner failure"):
+        _step(compiled, torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("inner_compiler", ["eager", "inductor"])
+def test_gradients_equal_eager(inner_compiler):
+    model = _model()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    loss = _step(remat.compile(model, inner_compiler=inner_compiler), x)
+    torch.testing.assert_close(loss, _step(reference, x))
+    for got, want in zip(_grads(model), _grads(reference)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert remat.explain(model).inner_compiler == inner_compiler
+
+
+def test_graph_breaks_give_one_plan_per_graph():
+    class TwoGraphs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = torch.tanh(self.a(x))
+            torch._dynamo.graph_break()
+            return torch.tanh(self.b(x))
+
+    model = TwoGraphs()
+    _step(remat.compile(model, inner_compiler="eager"), torch.randn(2, 8))
+    plans = remat.plans(model)
+    assert len(plans) == 2 and plans[0].graph != plans[1].graph
+    assert remat.explain(model) is plans[-1]
+
+
+def test_cli_version_and_help():
+    version = subprocess.run([sys.executable, "-m", "remat.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"remat {remat.__version__}"
+    helptext = subprocess.run([sys.executable, "-m", "remat.cli", "--help"], capture_output=True, text=True)
+    assert helptext.returncode == 0 and "torch.compile" in helptext.stdout
