@@ -52,13 +52,11 @@ class JointInfo:
     required_fw: needed to compute the forward outputs.
     required_bw: needed in the backward (tangent-dependent nodes and the gradients).
     tangents_closure: nodes that depend on a tangent, so can only run in the backward.
-    inputs: primal inputs (parameters, buffers, user inputs).
     """
 
     required_fw: frozenset[fx.Node]
     required_bw: frozenset[fx.Node]
     tangents_closure: frozenset[fx.Node]
-    inputs: tuple[fx.Node, ...]
 
 
 ChooseSavedValues = Callable[[fx.Graph, JointInfo], list[fx.Node]]
@@ -75,7 +73,6 @@ def _choose_saved_values(choose: ChooseSavedValues) -> Iterator[None]:
             required_fw=frozenset(node_info.required_fw_nodes),
             required_bw=frozenset(node_info.required_bw_nodes),
             tangents_closure=frozenset(getattr(node_info, "tangents_closure", node_info.required_bw_nodes)),
-            inputs=tuple(node_info.inputs),
         )
         return choose(joint_graph, info)
 

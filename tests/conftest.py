@@ -8,21 +8,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# `make test`: 100 examples per property; `make test-slow`: 2000.
-settings.register_profile(
-    "default",
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
-settings.register_profile(
-    "slow",
-    max_examples=2000,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
+# `make test`: 100 examples per property; `make test-slow`: 2000. Compiling a model
+# takes far longer than hypothesis' default deadline, hence no deadline.
+for profile, examples in (("default", 100), ("slow", 2000)):
+    settings.register_profile(
+        profile,
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        print_blob=True,
+    )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
