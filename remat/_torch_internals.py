@@ -12,7 +12,6 @@ name in this file is what makes a PyTorch upgrade a one-file change.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -146,9 +145,10 @@ def size_hint(value: int | torch.SymInt) -> int:
     return _hint_int(value)
 
 
-@functools.cache
 def decomposition_table() -> dict[Any, Callable[..., Any]]:
-    """Inductor's decompositions, used for both inner compilers so plans agree."""
+    """Inductor's decompositions, used for both inner compilers so plans agree.
+
+    Not cached: the table depends on Inductor's config (``fallback_random``)."""
     return select_decomp_table()
 
 
