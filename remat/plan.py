@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from typing import Any, Literal
 
 import torch.fx as fx
@@ -103,6 +104,15 @@ def saved_activation_bytes(fw_module: fx.GraphModule, num_fwd_outputs: int) -> i
     return unique_storage_bytes(saved_values(fw_module, num_fwd_outputs), exclude=inputs)
 
 
+def _op_name(node: fx.Node) -> str:
+    """The op that made a tensor; for one part of a multi-output op, "op[index]"."""
+    if node.op != "call_function":
+        return node.op
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return f"{_op_name(node.args[0])}[{node.args[1]}]"
+    return str(node.target)
+
+
 def _decision(node: fx.Node, action: Action, reason: str) -> Decision | None:
     value = node_tensor(node)
     if value is None:
@@ -110,7 +120,7 @@ def _decision(node: fx.Node, action: Action, reason: str) -> Decision | None:
     size = tensor_size(value)
     return Decision(
         tensor=node.name,
-        op=str(node.target) if node.op == "call_function" else node.op,
+        op=_op_name(node),
         shape=[str(s) for s in value.shape],
         dtype=str(value.dtype).removeprefix("torch."),
         bytes=size.hint,

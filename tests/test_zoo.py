@@ -185,10 +185,9 @@ def test_fallback_random_is_read_at_each_compile() -> None:
     compile in the same process ran without it: test order must not matter.
 
     In a fresh interpreter, since the first compile of the process is what matters.
-    Fails while ``remat._torch_internals.decomposition_table`` is ``functools.cache``d:
-    Inductor's ``select_decomp_table()`` reads ``fallback_random`` when called, so the
-    cache freezes whichever setting the process's first compile saw, and every later
-    eager-inner-compiler graph decomposes dropout into Inductor's own random ops.
+    A regression test: Inductor's ``select_decomp_table()`` reads ``fallback_random``
+    when called, so a cached table would freeze whichever setting the process's first
+    compile saw.
     """
     script = textwrap.dedent(
         """

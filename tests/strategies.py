@@ -1,0 +1,287 @@
+"""Hypothesis strategies: random small models (as readable specs) and valid remat options.
+
+A model is drawn as a ``ModelSpec``: plain frozen dataclasses, so a failing example
+prints something a person can read and rebuild, e.g.
+
+    ModelSpec(input_shape=(2, 3, 5), layers=(Conv(out=3, kernel=3, bias=True, residual=True),
+              Norm(kind='batch', groups=1, residual=False), Act(fn='gelu', residual=False)),
+              head_out=2, dtype='bfloat16-autocast', input_grad=False, seed=0)
+
+``build(spec)`` turns a spec into an ``nn.Module`` whose forward returns a scalar loss,
+and ``make_input(spec)`` the input batch. The tensor flowing through the layers has
+shape ``(batch, channels)``, ``(batch, channels, length)`` or ``(batch, channels,
+height, width)``; linear layers act on the last dimension, convolutions (1d or 2d by
+rank) and norms on the channel dimension (LayerNorm on the last one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Union
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+MAX_WIDTH = 32
+MAX_BATCH = 8
+MAX_LAYERS = 6
+# Spatial sizes stay small so that 100 compiles fit the time budget; widths up to 32.
+MAX_LENGTH = 8
+MAX_SIDE = 4
+# The fewest values a norm layer normalizes over (see layer_specs).
+MIN_NORMALIZED = 4
+
+DTYPES = ("float32", "bfloat16-autocast")
+
+
+# --- the spec --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    out: int
+    bias: bool
+    residual: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    out: int
+    kernel: int  # odd, padded to keep the spatial size
+    bias: bool
+    residual: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    kind: str  # "layer" (last dim), "batch" (train mode, running stats), "group"
+    groups: int = 1  # GroupNorm only
+    residual: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Act:
+    fn: str  # "relu", "gelu", "silu", "tanh"
+    residual: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    kind: str  # "flatten", "transpose", "unflatten": a round trip, same shape out
+    residual: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    p: float
+    residual: bool = False
+
+
+Layer = Union[Linear, Conv, Norm, Act, View, Dropout]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    input_shape: tuple[int, ...]
+    layers: tuple[Layer, ...]
+    head_out: int  # a final Linear, so every model has parameters to differentiate
+    dtype: str  # "float32", or "bfloat16-autocast": fp32 weights, bf16 autocast forward
+    input_grad: bool  # whether the input requires grad too
+    seed: int  # parameters, input and dropout masks
+
+    @property
+    def has_dropout(self) -> bool:
+        return any(isinstance(layer, Dropout) and layer.p > 0 for layer in self.layers)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(layer, Norm) and layer.kind == "batch" for layer in self.layers)
+
+
+def output_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(layer, Linear):
+        return (*shape[:-1], layer.out)
+    if isinstance(layer, Conv):
+        return (shape[0], layer.out, *shape[2:])
+    return shape
+
+
+# --- strategies ------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def layer_specs(draw: st.DrawFn, shape: tuple[int, ...]) -> Layer:
+    """One layer that is valid for an input of ``shape``."""
+    kinds = ["linear", "norm", "act", "view", "dropout"]
+    if len(shape) in (3, 4):
+        kinds.append("conv")
+    kind = draw(st.sampled_from(kinds))
+    width = st.integers(1, MAX_WIDTH)
+    if kind == "linear":
+        layer: Layer = Linear(out=draw(width), bias=draw(st.booleans()))
+    elif kind == "conv":
+        layer = Conv(out=draw(width), kernel=draw(st.sampled_from([1, 3])), bias=draw(st.booleans()))
+    elif kind == "norm":
+        # Each norm normalizes at least MIN_NORMALIZED values. Over one value the
+        # output is the bias (BatchNorm in training mode raises), over two it is
+        # +-1 whatever the input: the gradients before such a norm are rounding noise,
+        # and in bfloat16 a decomposed norm and ATen's fused kernel round differently
+        # enough (6% of the largest gradient was seen) to hide a bug in the noise.
+        batch, channels, spatial = shape[0], shape[1], math.prod(shape[2:])
+        counts = {"layer": shape[-1], "batch": batch * spatial}
+        norms = [name for name, count in counts.items() if count >= MIN_NORMALIZED]
+        groups = [g for g in _divisors(channels) if channels // g * spatial >= MIN_NORMALIZED]
+        if groups:
+            norms.append("group")
+        if not norms:
+            return Act(fn=draw(st.sampled_from(["relu", "gelu", "silu", "tanh"])))
+        norm = draw(st.sampled_from(norms))
+        layer = Norm(kind=norm, groups=draw(st.sampled_from(groups)) if norm == "group" else 1)
+    elif kind == "act":
+        layer = Act(fn=draw(st.sampled_from(["relu", "gelu", "silu", "tanh"])))
+    elif kind == "view":
+        layer = View(kind=draw(st.sampled_from(["flatten", "transpose", "unflatten"])))
+    else:
+        layer = Dropout(p=draw(st.sampled_from([0.5, 0.1, 0.0])))
+    if output_shape(layer, shape) == shape and draw(st.booleans()):
+        layer = dataclasses.replace(layer, residual=True)
+    return layer
+
+
+@st.composite
+def model_specs(draw: st.DrawFn, dtypes: tuple[str, ...] = DTYPES) -> ModelSpec:
+    """A stack of 1-6 layers on a small random input, with a seed and a dtype."""
+    batch = draw(st.integers(1, MAX_BATCH))
+    channels = draw(st.integers(1, MAX_WIDTH))
+    rank = draw(st.sampled_from(["flat", "sequence", "image"]))
+    if rank == "flat":
+        shape: tuple[int, ...] = (batch, channels)
+    elif rank == "sequence":
+        shape = (batch, channels, draw(st.integers(1, MAX_LENGTH)))
+    else:
+        shape = (batch, channels, draw(st.integers(1, MAX_SIDE)), draw(st.integers(1, MAX_SIDE)))
+    input_shape = shape
+    layers = []
+    for _ in range(draw(st.integers(1, MAX_LAYERS))):
+        layer = draw(layer_specs(shape))
+        layers.append(layer)
+        shape = output_shape(layer, shape)
+    return ModelSpec(
+        input_shape=input_shape,
+        layers=tuple(layers),
+        head_out=draw(st.integers(1, 4)),
+        dtype=draw(st.sampled_from(dtypes)),
+        input_grad=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def remat_options(inner_compilers: tuple[str, ...] = ("eager", "eager", "eager", "inductor")) -> st.SearchStrategy[dict[str, Any]]:
+    """Valid options for the remat backend. By default mostly the (fast) eager inner compiler."""
+    return st.fixed_dictionaries(
+        {
+            "inner_compiler": st.sampled_from(inner_compilers),
+            "on_plan_failure": st.sampled_from(["raise", "warn"]),
+        }
+    )
+
+
+# --- the builder -----------------------------------------------------------------
+
+
+class Residual(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)
+
+
+class RoundTrip(nn.Module):
+    """View ops that come back to the input's shape."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if self.kind == "flatten":
+            return x.flatten(1).reshape(shape)
+        if self.kind == "transpose":
+            return x.transpose(0, -1).contiguous().transpose(0, -1)
+        return x.flatten(0, 1).unflatten(0, (shape[0], shape[1]))
+
+
+class Model(nn.Module):
+    def __init__(self, body: nn.Sequential, head: nn.Linear) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.body(x))
+        return out.float().square().mean()
+
+
+_ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def _build_layer(layer: Layer, shape: tuple[int, ...]) -> nn.Module:
+    if isinstance(layer, Linear):
+        module: nn.Module = nn.Linear(shape[-1], layer.out, bias=layer.bias)
+    elif isinstance(layer, Conv):
+        conv = nn.Conv1d if len(shape) == 3 else nn.Conv2d
+        module = conv(shape[1], layer.out, layer.kernel, padding=layer.kernel // 2, bias=layer.bias)
+    elif isinstance(layer, Norm):
+        if layer.kind == "layer":
+            module = nn.LayerNorm(shape[-1])
+        elif layer.kind == "group":
+            module = nn.GroupNorm(layer.groups, shape[1])
+        else:
+            module = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1])
+    elif isinstance(layer, Act):
+        module = _ACTS[layer.fn]()
+    elif isinstance(layer, View):
+        module = RoundTrip(layer.kind)
+    else:
+        module = nn.Dropout(layer.p)
+    return Residual(module) if layer.residual else module
+
+
+def build(spec: ModelSpec) -> Model:
+    """The model a spec describes, in train mode, parameters drawn from ``spec.seed``."""
+    torch.manual_seed(spec.seed)
+    shape = spec.input_shape
+    modules = []
+    for layer in spec.layers:
+        modules.append(_build_layer(layer, shape))
+        shape = output_shape(layer, shape)
+    model = Model(nn.Sequential(*modules), nn.Linear(shape[-1], spec.head_out))
+    # Random affine parameters in the norms, so their gradients are not all alike.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.weight.normal_(1.0, 0.5)
+                module.bias.normal_(0.0, 0.5)
+    return model.train()
+
+
+def make_input(spec: ModelSpec) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(spec.seed + 1)
+    return torch.randn(spec.input_shape, generator=generator).requires_grad_(spec.input_grad)
+
+
+def autocast(spec: ModelSpec) -> contextlib.AbstractContextManager[Any]:
+    """The context the forward runs in: bf16 autocast, or nothing for fp32."""
+    if spec.dtype == "bfloat16-autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
