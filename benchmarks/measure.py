@@ -284,9 +284,9 @@ def _plans(model: torch.nn.Module) -> list[dict[str, Any]]:
 def run_job(job: Job) -> dict[str, Any]:
     """Build the model, wrap it, warm up, measure; the worker's whole life."""
     if job.fallback_random:
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.fallback_random = True
+        inductor_config.fallback_random = True
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
