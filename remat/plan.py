@@ -68,7 +68,7 @@ class Plan:
         """A table a person can read: one line per decision, largest first."""
         head = (
             f"remat plan for {self.graph} ({self.partitioner}, inner compiler {self.inner_compiler}): "
-            f"{len(self.kept)} kept ({_mb(self.saved_bytes)} of activations), "
+            f"{len(self.kept)} kept ({_human_bytes(self.saved_bytes)} of activations), "
             f"{len(self.recomputed)} recomputed"
         )
         if self.fallback_reason:
@@ -82,7 +82,7 @@ class Plan:
     __str__ = summary
 
 
-def _mb(n: int) -> str:
+def _human_bytes(n: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"

@@ -7,6 +7,7 @@ plan can say how memory scales with the batch, and evaluated with the shape hint
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sympy
@@ -51,7 +52,7 @@ def node_tensor(node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def unique_storage_bytes(nodes: list[fx.Node], exclude: list[fx.Node] = ()) -> int:
+def unique_storage_bytes(nodes: Sequence[fx.Node], exclude: Sequence[fx.Node] = ()) -> int:
     """Bytes of the distinct storages behind ``nodes``, skipping storages of ``exclude``.
 
     Views share their base's storage and count once; values that alias an excluded
