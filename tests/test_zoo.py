@@ -25,9 +25,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import remat
 from remat import _torch_internals
 from remat.plan import saved_activation_bytes
+from tests.checks import assert_planned_by_remat
 from tests.zoo import ZOO, ZooCase, make_dynamic
 
 pytestmark = pytest.mark.filterwarnings("error::remat.RematFallbackWarning")
@@ -75,16 +75,6 @@ def _assert_same_step(got: dict[str, Any], want: dict[str, Any], tol: dict[str, 
         torch.testing.assert_close(got["buffers"][name], buffer, **tol, msg=lambda m: f"{label}: buffer {name}\n{m}")
 
 
-def _assert_planned_by_remat(model: nn.Module, label: str) -> list[remat.Plan]:
-    """A plan exists and came from remat's min-cut: the step really ran through remat."""
-    plans = remat.plans(model)
-    assert plans, f"{label}: no remat plan was made (did Dynamo fall back to eager?)"
-    for plan in plans:
-        assert plan.partitioner == "remat-min-cut", f"{label}: {plan.graph} fell back: {plan.fallback_reason}"
-        assert plan.fallback_reason is None
-    return plans
-
-
 # Inductor from a cold cache on the 2-core machine (unloaded): mlp 15 s, gpt 28 s,
 # resnet 25 s, dynamic 18 s, unet 46 s. All of them would take the file past 3 minutes;
 # the MLP and the GPT (dropout under Inductor) run by default, the rest with -m slow.
@@ -112,7 +102,7 @@ def test_zoo_step_matches_eager(name: str, inner_compiler: str) -> None:
     got = _step(compiled_model, case, run=compiled)
 
     label = f"{name} ({inner_compiler})"
-    _assert_planned_by_remat(compiled_model, label)
+    assert_planned_by_remat(compiled_model, label)
     _assert_same_step(got, want, TOLERANCES[inner_compiler], label)
     if name == "resnet":  # the running stats did move, so the buffer check above means something
         assert not torch.equal(got["buffers"]["stem.1.running_mean"], torch.zeros_like(got["buffers"]["stem.1.running_mean"]))
@@ -146,7 +136,7 @@ def test_zoo_saves_no_more_than_pytorch_default(name: str) -> None:
 
     model = copy.deepcopy(case.model)
     _step(model, case, run=torch.compile(model, backend="remat", fullgraph=True, options={"inner_compiler": "eager"}))
-    plans = _assert_planned_by_remat(model, name)
+    plans = assert_planned_by_remat(model, name)
     assert len(plans) == 1, f"{name}: expected one graph, got {len(plans)} plans"
     remat_bytes = plans[0].saved_bytes
 
@@ -173,7 +163,7 @@ def test_dynamic_shapes_match_eager_and_plan_is_symbolic() -> None:
         got = _step(compiled_model, shaped, run=compiled)
         _assert_same_step(got, want, EAGER_TOL, f"dynamic (batch={batch}, seq={seq})")
 
-    plans = _assert_planned_by_remat(compiled_model, "dynamic")
+    plans = assert_planned_by_remat(compiled_model, "dynamic")
     # one graph for all three shapes: the later steps really ran the symbolic plan
     assert len(plans) == 1, f"recompiled for new shapes: {len(plans)} plans"
     symbolic = [d for d in plans[0].decisions if re.search(r"[A-Za-z_]", d.bytes_expr)]

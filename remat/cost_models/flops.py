@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import flop_registry
