@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test test-slow demo clean
+.PHONY: test test-slow demo bench predict clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m benchmarks.demo
+
+# Predicted against measured peaks, step-time order and simulator speed;
+# writes benchmarks/results/predict.md and predict.json.
+predict: $(STAMP)
+	$(PY) -m benchmarks.predict
+
+# Every baseline side by side on the demo's GPT (13.5 minutes on the shared 2-core machine);
+# writes benchmarks/results/bench.md and bench.json.
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

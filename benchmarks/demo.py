@@ -14,9 +14,8 @@ import datetime
 import shlex
 import sys
 import time
-from typing import Any
 
-from benchmarks.measure import Job, ModelSpec, machine, measure, run_worker
+from benchmarks.measure import MIB, Job, ModelSpec, machine, machine_summary, measure, run_worker, spec_summary, table
 
 # Sized so that a step takes about a second on one core of a shared CPU, the peak is
 # a couple of hundred MiB, and the whole demo (Inductor compiles included) takes a few
@@ -26,27 +25,6 @@ GPT = ModelSpec(
     {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 256, "vocab": 8192, "batch": 4, "dropout": 0.0},
 )
 STRATEGIES = ("eager", "compile-default", "remat")
-LABELS = {
-    "eager": "eager",
-    "compile-default": "torch.compile (Inductor, default partitioner)",
-    "remat": "torch.compile(backend='remat') (Inductor)",
-}
-MIB = 2**20
-
-
-def _table(results: dict[str, dict[str, Any]]) -> str:
-    eager = results["eager"]
-    rows = [
-        "| strategy | peak MiB | median step s | peak / eager | time / eager | max grad err vs eager |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        err = "reference" if name == "eager" else f"{r['grad_max_abs_err']:.1e} (rel {r['grad_max_rel_err']:.1e})"
-        rows.append(
-            f"| {LABELS[name]} | {r['peak_bytes'] / MIB:.1f} | {r['step_s']:.3f} "
-            f"| {r['peak_bytes'] / eager['peak_bytes']:.2f} | {r['step_s'] / eager['step_s']:.2f} | {err} |"
-        )
-    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,13 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     print("# remat demo: one GPT-style training step, before and after\n")
     print(f"command: `{shlex.join([sys.executable, '-m', 'benchmarks.demo', *sys.argv[1:]])}`")
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    gpu = f", GPU {info['gpu']}" if info["gpu"] else ""
-    print(
-        f"machine: {info['cpu']} ({info['cpu_count']} CPUs{gpu}), torch {info['torch']}, "
-        f"Python {info['python']}, {args.threads} torch thread(s) per worker"
-    )
-    kwargs = ", ".join(f"{k}={v}" for k, v in GPT.kwargs.items())
-    print(f"model: {GPT.factory}({kwargs})")
+    print(f"machine: {machine_summary(info, args.threads)}")
+    print(f"model: {spec_summary(GPT)}")
     print(
         f"step: forward, cross-entropy loss, backward, Adam step; {settings['warmup']} warm-up steps "
         "(compilation happens there) before measuring"
@@ -86,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         results[strategy] = measure(GPT, strategy, **settings)
     params = results["eager"]["parameters"]
     print(f"\n{params / 1e6:.2f} M parameters\n")
-    print(_table(results))
+    print(table(list(results.values())))
 
     print()
     for plan in results["remat"]["plans"]:

@@ -9,7 +9,12 @@ step. That threshold makes steps slower (page faults on fresh mappings), so the 
 is measured in a second fresh process without it. On CUDA the caching allocator's own
 counters are exact and are used instead.
 
+The unit every strategy wraps (and torch.compile compiles) is the model together with its
+loss, ``WithLoss(case.model, case.loss_fn)``: the whole differentiable step, the
+cross-entropy over a large vocabulary included, is one graph.
+
     measure(ModelSpec("tests.zoo:make_gpt", {...}), "remat", {"inner_compiler": "eager"})
+    measure(spec, "compile-budget", {"activation_memory_budget": 0.5})
 
 runs both workers (``python -m benchmarks.measure --worker JOB``, each printing one JSON
 line) and merges what they report. ``python -m benchmarks.measure STRATEGY`` does the
@@ -25,48 +30,175 @@ import dataclasses
 import gc
 import importlib
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.utils.checkpoint
+
+if TYPE_CHECKING:
+    from tests.zoo import ZooCase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MMAP_THRESHOLD = "131072"
 Metric = Literal["peak", "time"]
+BUDGET_OPTION = "activation_memory_budget"  # the one option of strategy "compile-budget"
 
 
-def _eager(model: torch.nn.Module, options: Mapping[str, Any]) -> Callable[..., Any]:
-    return model
+class WithLoss(torch.nn.Module):
+    """The compiled unit: ``forward(*inputs)`` is ``loss_fn(model(*inputs))``, a scalar.
+
+    ``model`` is registered as a submodule, so the parameters are the model's own
+    objects: optimizers, gradient checks and ``remat.plans(model)`` (which looks plans
+    up by parameter) work on ``model`` itself.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *inputs: Any) -> torch.Tensor:
+        return self.loss_fn(self.model(*inputs))
 
 
-def _compile_default(model: torch.nn.Module, options: Mapping[str, Any]) -> Callable[..., Any]:
-    return torch.compile(model)
+def checkpoint_blocks(model: torch.nn.Module, blocks: Sequence[str]) -> None:
+    """Run each named submodule of ``model`` under ``torch.utils.checkpoint.checkpoint``
+    (non-reentrant): its activations are dropped after the forward and recomputed in the
+    backward. Patches each block instance's ``forward``; the classes are untouched.
+
+    The random state is restored for the recomputation (``preserve_rng_state``), so
+    dropout masks and gradients equal eager's. BatchNorm in training mode updates its
+    running statistics again when recomputed, as with any use of ``checkpoint``.
+    """
+    if not blocks:
+        raise ValueError(
+            f"checkpoint needs the model's blocks; this {type(model).__name__} lists none "
+            "(ZooCase.blocks is empty)"
+        )
+    modules = []
+    for name in blocks:
+        try:
+            modules.append(model.get_submodule(name))
+        except AttributeError as error:
+            raise ValueError(f"block {name!r} is not a submodule of {type(model).__name__}: {error}") from None
+    for module in modules:
+        forward = module.forward
+
+        def checkpointed(*args: Any, _forward: Callable[..., Any] = forward, **kwargs: Any) -> Any:
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        module.forward = checkpointed
 
 
-def _remat(model: torch.nn.Module, options: Mapping[str, Any]) -> Callable[..., Any]:
-    return torch.compile(model, backend="remat", options=dict(options))
+def _eager(step: WithLoss, case: ZooCase, options: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+    return step
 
 
-def _remat_eager(model: torch.nn.Module, options: Mapping[str, Any]) -> Callable[..., Any]:
-    return torch.compile(model, backend="remat", options={**options, "inner_compiler": "eager"})
+def _checkpoint(step: WithLoss, case: ZooCase, options: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+    checkpoint_blocks(step.model, case.blocks)
+    return step
 
 
-# Strategy name -> how to wrap the model. Only the remat strategies take options; a
-# later issue adds torch.utils.checkpoint and activation_memory_budget sweeps here.
-STRATEGIES: dict[str, Callable[[torch.nn.Module, Mapping[str, Any]], Callable[..., Any]]] = {
+def _compile_default(step: WithLoss, case: ZooCase, options: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+    return torch.compile(step)
+
+
+def _compile_budget(step: WithLoss, case: ZooCase, options: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+    compiled = torch.compile(step)
+    budget = float(options[BUDGET_OPTION])
+
+    def run(*inputs: Any) -> torch.Tensor:
+        # The partitioner reads the budget while compiling (on the first call); setting
+        # it per call keeps it out of the process-wide config.
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return compiled(*inputs)
+
+    return run
+
+
+def _remat(step: WithLoss, case: ZooCase, options: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+    return torch.compile(step, backend="remat", options=dict(options))
+
+
+def _remat_eager(step: WithLoss, case: ZooCase, options: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+    return torch.compile(step, backend="remat", options={**options, "inner_compiler": "eager"})
+
+
+def _check_remat_options(options: Mapping[str, Any]) -> None:
+    from remat import RematOptions
+
+    RematOptions.from_mapping(options)
+
+
+def _check_budget_options(options: Mapping[str, Any]) -> None:
+    unknown = sorted(set(options) - {BUDGET_OPTION})
+    if unknown:
+        raise ValueError(
+            f"strategy 'compile-budget': unknown option(s) {unknown}; the only option is {BUDGET_OPTION!r}"
+        )
+    if BUDGET_OPTION not in options:
+        raise ValueError(
+            f"strategy 'compile-budget' needs the option {BUDGET_OPTION!r} (a number, 0.0 <= x <= 1.0); "
+            f"got {dict(options)!r}"
+        )
+    budget = options[BUDGET_OPTION]
+    if isinstance(budget, bool) or not isinstance(budget, Real) or math.isnan(budget) or not 0.0 <= budget <= 1.0:
+        raise ValueError(
+            f"option {BUDGET_OPTION!r} of strategy 'compile-budget' must be a number with "
+            f"0.0 <= x <= 1.0; got {budget!r}"
+        )
+
+
+Strategy = Callable[[WithLoss, "ZooCase", Mapping[str, Any]], Callable[..., torch.Tensor]]
+# Strategy name -> how to wrap the step (model and loss) for training. Each gets the
+# WithLoss module, the case (for its blocks) and its options.
+STRATEGIES: dict[str, Strategy] = {
     "eager": _eager,
+    "checkpoint": _checkpoint,
     "compile-default": _compile_default,
+    "compile-budget": _compile_budget,
     "remat": _remat,
     "remat-eager": _remat_eager,
 }
-TAKES_OPTIONS = frozenset({"remat", "remat-eager"})
+# Strategies that take options -> the check run on them before any work (a ValueError
+# naming the option, the value and what is allowed). The others take none.
+OPTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "compile-budget": _check_budget_options,
+    "remat": _check_remat_options,
+    "remat-eager": _check_remat_options,
+}
+TAKES_OPTIONS = frozenset(OPTION_CHECKS)
+REMAT_STRATEGIES = frozenset({"remat", "remat-eager"})  # these report remat's plans
+# How tables name a strategy; options are appended by label().
+LABELS = {
+    "eager": "eager",
+    "checkpoint": "eager + torch.utils.checkpoint per block",
+    "compile-default": "torch.compile (Inductor, default partitioner)",
+    "compile-budget": "torch.compile (Inductor), activation_memory_budget",
+    "remat": "torch.compile(backend='remat') (Inductor)",
+    "remat-eager": "torch.compile(backend='remat', inner_compiler='eager')",
+}
+
+
+def label(strategy: str, options: Mapping[str, Any] | None = None) -> str:
+    """A strategy's name in tables, with its options: ``label("compile-budget",
+    {"activation_memory_budget": 0.5})`` is "torch.compile (Inductor), activation_memory_budget=0.5"."""
+    options = dict(options or {})
+    if strategy == "compile-budget" and BUDGET_OPTION in options:
+        return f"{LABELS[strategy]}={options.pop(BUDGET_OPTION)}" + "".join(f", {k}={v!r}" for k, v in options.items())
+    text = LABELS.get(strategy, strategy)
+    return text + (" " + json.dumps(options, sort_keys=True) if options else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +228,10 @@ class ModelSpec:
 class Job:
     """Everything one worker process needs; it travels as JSON on the command line.
 
+    strategy: a name in ``STRATEGIES``.
+    options: the strategy's options, checked here by ``OPTION_CHECKS`` (remat's options
+        for the remat strategies, ``{"activation_memory_budget": x}`` with
+        0.0 <= x <= 1.0 for "compile-budget"); the other strategies take none.
     warmup: steps run before measuring (the first compiles).
     steps: timed steps (the median is reported); the peak is always one step.
     optimizer: None (forward, loss, backward only), "sgd" or "adam".
@@ -123,15 +259,14 @@ class Job:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; allowed: {sorted(STRATEGIES)}")
-        if self.options and self.strategy not in TAKES_OPTIONS:
+        check = OPTION_CHECKS.get(self.strategy)
+        if check is not None:
+            check(self.options)  # fail here, not in a worker
+        elif self.options:
             raise ValueError(
                 f"strategy {self.strategy!r} takes no options; got {self.options!r} "
                 f"(only {sorted(TAKES_OPTIONS)} do)"
             )
-        if self.strategy in TAKES_OPTIONS:
-            from remat import RematOptions
-
-            RematOptions.from_mapping(self.options)  # fail here, not in a worker
         if self.metric not in ("peak", "time"):
             raise ValueError(f"metric must be 'peak' or 'time'; got {self.metric!r}")
         if self.optimizer not in (None, "sgd", "adam"):
@@ -189,7 +324,9 @@ def measure(
 ) -> dict[str, Any]:
     """Peak memory and step time of ``strategy`` on ``spec``, from two fresh processes.
 
-    ``settings`` are the other ``Job`` fields (warmup, steps, optimizer, ...).
+    ``settings`` are the other ``Job`` fields (warmup, steps, optimizer, ...). The time
+    worker's fields come at the top level with the peak worker's peak_bytes and
+    baseline_bytes; the peak worker's whole report is under "peak_worker".
     """
     jobs = {
         metric: Job(spec, strategy, metric, dict(options or {}), **settings)
@@ -203,6 +340,7 @@ def measure(
         **{k: v for k, v in timing.items() if k != "metric"},
         "peak_bytes": peak["peak_bytes"],
         "baseline_bytes": peak["baseline_bytes"],
+        "peak_worker": {k: v for k, v in peak.items() if k != "metric"},
     }
 
 
@@ -224,6 +362,65 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def machine_summary(info: Mapping[str, Any], threads: int | None) -> str:
+    """One line for ``machine()``'s dict and the torch threads each worker used."""
+    gpu = f", GPU {info['gpu']}" if info["gpu"] else ""
+    per_worker = f"{threads} torch thread(s)" if threads is not None else "torch's default threads"
+    return (
+        f"{info['cpu']} ({info['cpu_count']} CPUs{gpu}), torch {info['torch']}, "
+        f"Python {info['python']}, {per_worker} per worker"
+    )
+
+
+def spec_summary(spec: ModelSpec) -> str:
+    """``factory(k=v, ...)``, as a table's header names the model."""
+    return f"{spec.factory}({', '.join(f'{k}={v}' for k, v in spec.kwargs.items())})"
+
+
+MIB = 2**20
+
+
+def error_line(error: str, width: int = 160) -> str:
+    """The line of a worker's error that says what went wrong (the exception's), for a table cell."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    exceptions = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Failed|Interrupt)(:|$)", line)]
+    line = (exceptions or lines or ["(no message)"])[-1]
+    if len(line) > width:
+        line = line[: width - 3] + "..."
+    return line.replace("|", "\\|")
+
+
+def table(results: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table of ``measure()`` results, in the order given: peak, median step
+    time, both as ratios to eager's, and the largest gradient error against eager.
+
+    A failed strategy is a mapping with "strategy", "options" and "error" (the message);
+    its row says "failed" and why. Ratios are to the first successful eager result, and
+    "n/a" without one.
+    """
+    eager = next((r for r in results if r["strategy"] == "eager" and "error" not in r), None)
+    rows = [
+        "| strategy | peak MiB | median step s | peak / eager | time / eager | max grad err vs eager |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        name = label(r["strategy"], r.get("options"))
+        if "error" in r:
+            rows.append(f"| {name} | failed: {error_line(r['error'])} | | | | |")
+            continue
+        peak, step = r["peak_bytes"], r["step_s"]
+        if r is eager:
+            err = "reference"
+        elif "grad_max_abs_err" in r:
+            err = f"{r['grad_max_abs_err']:.1e} (rel {r['grad_max_rel_err']:.1e})"
+        else:
+            err = "not checked"
+        peak_ratio = f"{peak / eager['peak_bytes']:.2f}" if eager else "n/a"
+        time_ratio = f"{step / eager['step_s']:.2f}" if eager else "n/a"
+        rows.append(f"| {name} | {peak / MIB:.1f} | {step:.3f} | {peak_ratio} | {time_ratio} | {err} |")
+    return "\n".join(rows)
 
 
 # --- worker side -------------------------------------------------------------------
@@ -276,6 +473,9 @@ def _plans(model: torch.nn.Module) -> list[dict[str, Any]]:
             "kept": len(plan.kept),
             "recomputed": len(plan.recomputed),
             "fallback_reason": plan.fallback_reason,
+            "predicted_peak_bytes": plan.memory.peak_bytes if plan.memory else None,
+            "predicted_resident_bytes": plan.memory.resident_bytes if plan.memory else None,
+            "predicted_peak_at": plan.memory.peak_at if plan.memory else None,
         }
         for plan in remat.plans(model)
     ]
@@ -294,8 +494,8 @@ def run_job(job: Job) -> dict[str, Any]:
     case = job.spec.build(device)
     model, inputs = case.model, case.inputs
 
-    def forward_backward(run: Callable[..., Any]) -> float:
-        loss = case.loss_fn(run(*inputs))
+    def forward_backward(run: Callable[..., torch.Tensor]) -> float:
+        loss = run(*inputs)
         loss.backward()
         return loss.item()
 
@@ -310,9 +510,9 @@ def run_job(job: Job) -> dict[str, Any]:
     if job.metric == "time" and job.grad_check and job.strategy != "eager":
         reference = copy.deepcopy(model)
         torch.manual_seed(1)
-        forward_backward(reference)
+        forward_backward(WithLoss(reference, case.loss_fn))
 
-    run = STRATEGIES[job.strategy](model, job.options)
+    run = STRATEGIES[job.strategy](WithLoss(model, case.loss_fn), case, job.options)
     optimizer = None
     if job.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -353,8 +553,10 @@ def run_job(job: Job) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
         result["step_s"] = statistics.median(times)
         result["step_times_s"] = times
-    if job.strategy in TAKES_OPTIONS:
+    if job.strategy in REMAT_STRATEGIES:
         result["plans"] = _plans(model)
+    if job.strategy == "checkpoint":
+        result["checkpointed_blocks"] = list(case.blocks)
     return result
 
 
@@ -363,7 +565,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("strategy", nargs="?", choices=sorted(STRATEGIES))
     parser.add_argument("--worker", metavar="JOB", help="internal: run one Job (JSON) and print one JSON line")
     parser.add_argument("--spec", default='{"factory": "gpt"}', help="ModelSpec as JSON")
-    parser.add_argument("--options", default="{}", help="remat options as JSON")
+    parser.add_argument(
+        "--options", default="{}",
+        help='strategy options as JSON: remat options, or {"activation_memory_budget": x} for compile-budget',
+    )
     parser.add_argument("--optimizer", choices=["sgd", "adam"])
     args = parser.parse_args(argv)
     if args.worker:

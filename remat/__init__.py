@@ -5,23 +5,27 @@
     model = remat.compile(model, inner_compiler="eager")
     ...
     print(remat.explain(model))   # what was kept, what is recomputed, and why
+    remat.plan(model, x)          # the same Plan, with the predicted peak, without a step
 """
 
 from remat.backend import compile, remat_backend
 from remat.options import RematOptions
 from remat.partition import RematFallbackWarning
-from remat.plan import Decision, Plan
+from remat.plan import Decision, MemoryPrediction, Plan
+from remat.planning import plan
 from remat.registry import explain, plans
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Decision",
+    "MemoryPrediction",
     "Plan",
     "RematFallbackWarning",
     "RematOptions",
     "compile",
     "explain",
+    "plan",
     "plans",
     "remat_backend",
     "__version__",

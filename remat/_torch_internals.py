@@ -36,6 +36,11 @@ from torch._inductor.decomposition import select_decomp_table  # noqa: E402
 from torch.utils.checkpoint import CheckpointPolicy  # noqa: E402
 
 try:
+    from torch.fx.graph import _BoxedCodeGen
+except ImportError:  # pragma: no cover - older torch: inputs live to the end of each graph
+    _BoxedCodeGen = None
+
+try:
     from torch.fx.experimental.symbolic_shapes import optimization_hint as _optimization_hint
 except ImportError:  # torch < 2.12
     _optimization_hint = None
@@ -145,6 +150,41 @@ def size_hint(value: int | torch.SymInt) -> int:
     return _hint_int(value)
 
 
+@contextlib.contextmanager
+def real_kernels() -> Iterator[None]:
+    """Run real kernels on real tensors even when called from inside tracing.
+
+    Planning runs inside AOTAutograd's fake-tensor mode, where every op returns at
+    once without computing: a micro-benchmark or an op timed there would measure
+    nothing. This suspends the active dispatch modes (fake tensors, proxies)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """Identifies the storage behind a (fake) tensor: views and in-place results share
+    it. Cheaper than a ``StorageWeakRef``, which the simulator would build per node."""
+    return tensor.untyped_storage()._cdata
+
+
+def symbol_sources(graph: fx.Graph) -> dict[str, str]:
+    """For each shape symbol of a graph, the input dimension Dynamo made it from
+    (e.g. ``s0 -> L['x'].size()[0]``); empty for static shapes."""
+    for node in graph.nodes:
+        value = node.meta.get("val")
+        mode = getattr(value, "fake_mode", None)
+        if mode is not None and mode.shape_env is not None:
+            sources = {}
+            for symbol, found in mode.shape_env.var_to_sources.items():
+                if found and symbol.is_integer:  # sizes, not float constants
+                    name = found[0].name
+                    sources[str(symbol)] = name() if callable(name) else name
+            return sources
+    return {}
+
+
 def decomposition_table() -> dict[Any, Callable[..., Any]]:
     """Inductor's decompositions, used for both inner compilers so plans agree.
 
@@ -153,9 +193,17 @@ def decomposition_table() -> dict[Any, Callable[..., Any]]:
 
 
 def _boxed_nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """Run a graph op by op (AOTAutograd's boxed calling convention)."""
+    """Run a graph op by op in AOTAutograd's boxed calling convention.
 
-    def run(args: list[Any]) -> Any:
+    With the boxed code generator the graph clears its argument list, so each input
+    (a saved activation, in the backward) is freed after its last use rather than
+    held to the end of the graph; the memory simulator assumes exactly that."""
+    if _BoxedCodeGen is not None:
+        gm.graph.set_codegen(_BoxedCodeGen())
+        gm.recompile()
+        return gm
+
+    def run(args: list[Any]) -> Any:  # pragma: no cover - torch without _BoxedCodeGen
         return gm(*args)
 
     run._boxed_call = True  # type: ignore[attr-defined]
@@ -205,3 +253,9 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], partitio
             example_inputs,
             config_patches={"custom_partitioner_fn": _InductorPartitioner(partition_fn)},
         )
+
+
+def is_op_overload(target: object) -> bool:
+    """True for any registered operator overload (aten, prims or custom), whose
+    schema says what it reads, writes and aliases."""
+    return isinstance(target, torch._ops.OpOverload)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 INNER_COMPILERS = ("inductor", "eager")
 ON_PLAN_FAILURE = ("warn", "raise")
+TIME_ESTIMATORS = ("roofline", "profile")
 
 # Options that later milestones implement. They are accepted by name so that a user
 # sees "not implemented yet" instead of "unknown option", and never silently ignored.
@@ -34,10 +35,16 @@ class RematOptions:
     on_plan_failure:
         ``"warn"`` (default): if planning fails on a graph, fall back to PyTorch's
         default partition with one warning, so training goes on. ``"raise"``: raise.
+    time_estimator:
+        ``"roofline"`` (default): each op's time from its FLOPs and bytes on the
+        device's profile (calibrated once on a CPU, cached; spec sheets for GPUs).
+        ``"profile"``: time each distinct op on the device while planning (slower to
+        plan, measured rather than modelled).
     """
 
     inner_compiler: Literal["inductor", "eager"] = "inductor"
     on_plan_failure: Literal["warn", "raise"] = "warn"
+    time_estimator: Literal["roofline", "profile"] = "roofline"
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> RematOptions:
@@ -71,6 +78,7 @@ class RematOptions:
         values = dict(options)
         _check_choice("inner_compiler", values.get("inner_compiler", "inductor"), INNER_COMPILERS)
         _check_choice("on_plan_failure", values.get("on_plan_failure", "warn"), ON_PLAN_FAILURE)
+        _check_choice("time_estimator", values.get("time_estimator", "roofline"), TIME_ESTIMATORS)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch.fx as fx
 from remat import _torch_internals as internals
 from remat.options import RematOptions
 from remat.passes.remat import MinCutResult, solve_min_cut
-from remat.plan import Plan, decisions_from_graphs, saved_activation_bytes
+from remat.plan import Plan, decisions_from_graphs, estimate_time, predict_memory, saved_activation_size
 
 log = logging.getLogger("remat")
 
@@ -88,14 +88,28 @@ class RematPartitioner:
         else:
             keep_reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
             default = "min-cut: part of the cheapest set of values to keep"
+        saved = saved_activation_size(fw, num_fwd_outputs)
+        try:
+            memory = predict_memory(fw, bw)
+            time_s, estimator = estimate_time(fw, bw, self.options.time_estimator)
+        except Exception:
+            if fallback_reason is None:
+                raise  # the caller falls back
+            log.debug("remat could not estimate the fallback partition of %s", self.graph_name, exc_info=True)
+            memory, time_s, estimator = None, None, None
         plan = Plan(
             graph=self.graph_name,
             inner_compiler=self.options.inner_compiler,
             partitioner="pytorch-default" if fallback_reason else "remat-min-cut",
             decisions=decisions_from_graphs(fw, bw, num_fwd_outputs, keep_reasons, default),
-            saved_bytes=saved_activation_bytes(fw, num_fwd_outputs),
+            saved_bytes=saved.hint,
             options=self.options.to_dict(),
+            memory=memory,
             fallback_reason=fallback_reason,
+            saved_bytes_expr=str(saved.expr),
+            symbols=internals.symbol_sources(fw.graph),
+            estimated_time_s=time_s,
+            time_estimator=estimator,
         )
         log.info("%s", plan.summary())
         return plan

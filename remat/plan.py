@@ -10,11 +10,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
+from collections.abc import Mapping
 from typing import Any, Literal
 
+import sympy
+import torch
 import torch.fx as fx
 
-from remat.cost_models.sizes import node_tensor, tensor_size, unique_storage_bytes
+from remat.cost_models.devices import profile_for_device
+from remat.cost_models.memory import simulate_step
+from remat.cost_models.runtime import graph_time, make_estimator
+from remat.cost_models.sizes import Size, node_tensor, tensor_size, unique_storage_size
 from remat.passes.recompute_rules import is_view
 
 Action = Literal["keep", "recompute"]
@@ -34,10 +40,29 @@ class Decision:
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryPrediction:
+    """The simulated memory of one step of this graph (``cost_models.memory``).
+
+    peak_bytes: the most bytes live at once above ``resident_bytes`` (parameters,
+        buffers and inputs, which exist before the step): what a step adds, as measured.
+    peak_at: the node running at the peak, "forward:<node>" or "backward:<node>".
+    positions, live_bytes: the whole timeline, one entry per node that runs.
+    """
+
+    peak_bytes: int
+    resident_bytes: int
+    peak_at: str
+    positions: list[str]
+    live_bytes: list[int]
+
+
 @dataclasses.dataclass
 class Plan:
     """Decisions for one graph. ``saved_bytes`` counts each kept storage once,
-    leaving out parameters and inputs (and views of them), which live anyway."""
+    leaving out parameters and inputs (and views of them), which live anyway.
+    ``memory`` is the predicted timeline of a step run op by op (the eager inner
+    compiler); Inductor's fusion only removes intermediates from it."""
 
     graph: str
     inner_compiler: str
@@ -45,7 +70,25 @@ class Plan:
     decisions: list[Decision]
     saved_bytes: int
     options: dict[str, Any]
+    memory: MemoryPrediction | None = None
     fallback_reason: str | None = None
+    saved_bytes_expr: str = "0"
+    symbols: dict[str, str] = dataclasses.field(default_factory=dict)
+    estimated_time_s: float | None = None
+    time_estimator: str | None = None
+
+    def evaluate(self, expr: str, sizes: Mapping[str, int]) -> int:
+        """A byte expression of this plan (``saved_bytes_expr``, a decision's
+        ``bytes_expr``) at other input sizes. ``symbols`` says which input dimension
+        each symbol stands for; ``sizes`` gives every symbol in ``expr`` a value."""
+        parsed = sympy.sympify(expr, locals={name: sympy.Symbol(name) for name in self.symbols})
+        missing = sorted(str(s) for s in parsed.free_symbols if str(s) not in sizes)
+        if missing:
+            raise ValueError(
+                f"no value for {missing} in {expr!r}; give every symbol a size: "
+                + ", ".join(f"{name} ({source})" for name, source in self.symbols.items())
+            )
+        return int(parsed.subs({sympy.Symbol(k): int(v) for k, v in sizes.items()}))
 
     @property
     def kept(self) -> list[Decision]:
@@ -62,6 +105,8 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
         data["decisions"] = [Decision(**d) for d in data["decisions"]]
+        if data.get("memory") is not None:
+            data["memory"] = MemoryPrediction(**data["memory"])
         return cls(**data)
 
     def summary(self) -> str:
@@ -71,6 +116,13 @@ class Plan:
             f"{len(self.kept)} kept ({_human_bytes(self.saved_bytes)} of activations), "
             f"{len(self.recomputed)} recomputed"
         )
+        if self.memory is not None:
+            head += (
+                f"\n  predicted peak {_human_bytes(self.memory.peak_bytes)} above "
+                f"{_human_bytes(self.memory.resident_bytes)} of parameters and inputs, at {self.memory.peak_at}"
+            )
+        if self.estimated_time_s is not None:
+            head += f"\n  estimated step time {self.estimated_time_s * 1e3:.2f} ms ({self.time_estimator})"
         if self.fallback_reason:
             head += f"\n  fell back to PyTorch's partitioner: {self.fallback_reason}"
         rows = [f"  {'action':<10}{'tensor':<24}{'op':<28}{'shape':<22}{'bytes':>12}  why"]
@@ -80,6 +132,36 @@ class Plan:
         return "\n".join([head, *rows])
 
     __str__ = summary
+
+
+def predict_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule) -> MemoryPrediction:
+    """Simulate a step of the two graphs; keep what a Plan reports."""
+    timeline = simulate_step(fw_module.graph, bw_module.graph)
+    return MemoryPrediction(
+        peak_bytes=timeline.peak_bytes,
+        resident_bytes=timeline.resident_bytes,
+        peak_at=timeline.peak_at,
+        positions=timeline.positions,
+        live_bytes=timeline.live_bytes,
+    )
+
+
+def estimate_time(fw_module: fx.GraphModule, bw_module: fx.GraphModule, estimator_name: str) -> tuple[float, str]:
+    """Seconds for a step of the two graphs run op by op, and how that was estimated."""
+    device = _graph_device(fw_module)
+    estimator = make_estimator(estimator_name, device)
+    label = estimator_name
+    if estimator_name == "roofline":
+        label += f" on the {profile_for_device(device).name} profile"
+    return graph_time(fw_module, estimator) + graph_time(bw_module, estimator), label
+
+
+def _graph_device(fw_module: fx.GraphModule) -> torch.device:
+    for node in fw_module.graph.nodes:
+        value = node_tensor(node)
+        if value is not None:
+            return value.device
+    return torch.device("cpu")
 
 
 def _human_bytes(n: int) -> str:
@@ -98,10 +180,10 @@ def saved_values(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Nod
     return [n for n in forward_outputs(fw_module)[num_fwd_outputs:] if isinstance(n, fx.Node)]
 
 
-def saved_activation_bytes(fw_module: fx.GraphModule, num_fwd_outputs: int) -> int:
+def saved_activation_size(fw_module: fx.GraphModule, num_fwd_outputs: int) -> Size:
     """Bytes held from forward to backward beyond inputs and parameters."""
     inputs = list(fw_module.graph.find_nodes(op="placeholder"))
-    return unique_storage_bytes(saved_values(fw_module, num_fwd_outputs), exclude=inputs)
+    return unique_storage_size(saved_values(fw_module, num_fwd_outputs), exclude=inputs)
 
 
 def _op_name(node: fx.Node) -> str:

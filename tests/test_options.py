@@ -30,7 +30,10 @@ def test_unknown_option_names_it_and_suggests():
 
 @pytest.mark.parametrize(
     "name, value",
-    [("inner_compiler", "tvm"), ("inner_compiler", 3), ("on_plan_failure", "ignore"), ("on_plan_failure", None)],
+    [
+        ("inner_compiler", "tvm"), ("inner_compiler", 3), ("on_plan_failure", "ignore"), ("on_plan_failure", None),
+        ("time_estimator", "guess"), ("time_estimator", 1),
+    ],
 )
 def test_bad_value_names_option_value_and_choices(name, value):
     with pytest.raises(ValueError) as info:

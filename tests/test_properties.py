@@ -234,7 +234,10 @@ def check_equal_to_eager(spec: ModelSpec, options: dict[str, Any]) -> None:
     assert got.keys() == eager.keys()
     tol = TOLERANCES[options["inner_compiler"], spec.dtype]
     largest_gradient = max(v.abs().max().item() for k, v in eager.items() if k.startswith("grad"))
-    scale = largest_gradient if spec.dtype == "bfloat16-autocast" else 0.0
+    # A gradient that cancels to about zero (a bias before a normalization) carries the
+    # rounding of the terms it summed, which are as large as the other gradients: its
+    # error is judged on their scale (float32: about one ulp of the largest gradient).
+    scale = largest_gradient if spec.dtype == "bfloat16-autocast" else largest_gradient * 1e-2
     for name in eager:
         assert_close(
             got[name], eager[name], exact[name], tol=tol, scale=scale if name.startswith("grad") else 0.0,

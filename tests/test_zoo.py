@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from remat import _torch_internals
-from remat.plan import saved_activation_bytes
+from remat.plan import saved_activation_size
 from tests.checks import assert_planned_by_remat
 from tests.zoo import ZOO, ZooCase, make_dynamic
 
@@ -118,7 +118,7 @@ def _pytorch_default_saved_bytes(case: ZooCase) -> int:
         fw, bw = _torch_internals.pytorch_default_partition(
             joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
         )
-        captured.append(saved_activation_bytes(fw, num_fwd_outputs))
+        captured.append(saved_activation_size(fw, num_fwd_outputs).hint)
         return fw, bw
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:

@@ -11,7 +11,8 @@ Every factory takes keyword size arguments with small defaults (a forward and ba
 in well under 0.1 s on a CPU), a ``seed`` (weights, inputs and targets are drawn from it
 without touching the global random state) and a ``device``. Models are in training
 mode; dropout draws from the global generator, so seed it before each step to compare
-runs. This module imports no test framework.
+runs. Each case names its repeated blocks (``case.blocks``), the units a per-block
+``torch.utils.checkpoint`` baseline wraps. This module imports no test framework.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class ZooCase:
     inputs_for: for models meant to run at several shapes (``make_dynamic``),
     ``inputs_for(batch, seq)`` returns a case with the same model and new inputs and
     targets of that shape; None for fixed-shape models.
+    blocks: qualified names (``model.get_submodule(name)``) of the model's repeated
+    blocks, in forward order, none inside another: what per-block activation
+    checkpointing wraps (GPT: the transformer blocks; ResNet: the residual blocks; ...).
+    Empty for a model without a block structure.
     """
 
     name: str
@@ -49,6 +54,7 @@ class ZooCase:
     inputs: tuple[torch.Tensor, ...]
     loss_fn: Callable[[Any], torch.Tensor]
     inputs_for: Callable[[int, int], ZooCase] | None = None
+    blocks: tuple[str, ...] = ()
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -63,18 +69,28 @@ def _build(seed: int, make: Callable[[], nn.Module], device: str | torch.device)
     return model.to(device).train()
 
 
+def _names_of(model: nn.Module, block_type: type[nn.Module]) -> tuple[str, ...]:
+    """Qualified names of ``model``'s submodules of ``block_type``, in registration order."""
+    return tuple(name for name, module in model.named_modules() if isinstance(module, block_type))
+
+
 # --------------------------------------------------------------------------- MLP
 
 
 class MLP(nn.Module):
-    """Linear -> GELU -> LayerNorm, repeated, then a linear head."""
+    """Linear -> GELU -> LayerNorm, repeated, then a linear head.
+
+    Each Linear-GELU-LayerNorm group is one submodule (``net.0`` .. ``net.{n_layers-1}``),
+    so it can be checkpointed as a block; modules are created in the same order as in a
+    flat Sequential, so seeded weights do not depend on the grouping.
+    """
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, n_layers: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = d_in
         for _ in range(n_layers):
-            layers += [nn.Linear(width, d_hidden), nn.GELU(), nn.LayerNorm(d_hidden)]
+            layers.append(nn.Sequential(nn.Linear(width, d_hidden), nn.GELU(), nn.LayerNorm(d_hidden)))
             width = d_hidden
         layers.append(nn.Linear(width, d_out))
         self.net = nn.Sequential(*layers)
@@ -98,7 +114,8 @@ def make_mlp(
     g = _generator(seed + 1)
     x = torch.randn(batch, d_in, generator=g).to(device)
     targets = torch.randint(0, d_out, (batch,), generator=g).to(device)
-    return ZooCase("mlp", model, (x,), lambda logits: F.cross_entropy(logits, targets))
+    blocks = tuple(f"net.{i}" for i in range(n_layers))
+    return ZooCase("mlp", model, (x,), lambda logits: F.cross_entropy(logits, targets), blocks=blocks)
 
 
 # --------------------------------------------------------------------------- ResNet
@@ -167,7 +184,9 @@ def make_resnet(
     g = _generator(seed + 1)
     x = torch.randn(batch, in_channels, image_size, image_size, generator=g).to(device)
     targets = torch.randint(0, n_classes, (batch,), generator=g).to(device)
-    return ZooCase("resnet", model, (x,), lambda logits: F.cross_entropy(logits, targets))
+    return ZooCase(
+        "resnet", model, (x,), lambda logits: F.cross_entropy(logits, targets), blocks=_names_of(model, BasicBlock)
+    )
 
 
 # --------------------------------------------------------------------------- GPT
@@ -252,7 +271,7 @@ def make_gpt(
     def loss_fn(logits: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    return ZooCase("gpt", model, (tokens,), loss_fn)
+    return ZooCase("gpt", model, (tokens,), loss_fn, blocks=_names_of(model, GPTBlock))
 
 
 # --------------------------------------------------------------------------- U-Net
@@ -328,7 +347,7 @@ def make_unet(
     images = torch.randn(batch, channels, image_size, image_size, generator=g)
     noise = torch.randn(images.shape, generator=g)
     noisy, noise = (images + noise).to(device), noise.to(device)
-    return ZooCase("unet", model, (noisy,), lambda pred: F.mse_loss(pred, noise))
+    return ZooCase("unet", model, (noisy,), lambda pred: F.mse_loss(pred, noise), blocks=_names_of(model, ConvBlock))
 
 
 # --------------------------------------------------------------------------- dynamic shapes
@@ -383,7 +402,9 @@ def _dynamic_case(model: DynamicEncoder, d_in: int, seed: int, batch: int, seq: 
     def inputs_for(b: int, s: int) -> ZooCase:
         return _dynamic_case(model, d_in, seed, b, s)
 
-    return ZooCase("dynamic", model, (x,), lambda pred: F.mse_loss(pred, target), inputs_for)
+    return ZooCase(
+        "dynamic", model, (x,), lambda pred: F.mse_loss(pred, target), inputs_for, _names_of(model, EncoderLayer)
+    )
 
 
 def make_dynamic(

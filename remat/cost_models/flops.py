@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from remat._torch_internals import size_hint
 from remat.cost_models.sizes import node_tensor
+
+# flop_counter counts the CUDA attention kernels but not the CPU one, which graphs
+# traced on a CPU without decompositions (exported programs) call for every attention.
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_cpu_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+if _cpu_flash is not None and _cpu_flash not in flop_registry:
+
+    @register_flop_formula(_cpu_flash)
+    def _cpu_flash_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+if _cpu_flash_backward is not None and _cpu_flash_backward not in flop_registry:
+
+    @register_flop_formula(_cpu_flash_backward)
+    def _cpu_flash_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def node_flops(node: fx.Node) -> int:

@@ -52,19 +52,19 @@ def node_tensor(node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def unique_storage_bytes(nodes: Sequence[fx.Node], exclude: Sequence[fx.Node] = ()) -> int:
+def unique_storage_size(nodes: Sequence[fx.Node], exclude: Sequence[fx.Node] = ()) -> Size:
     """Bytes of the distinct storages behind ``nodes``, skipping storages of ``exclude``.
 
     Views share their base's storage and count once; values that alias an excluded
     node (say, a transposed parameter) cost nothing extra.
     """
     excluded = {StorageWeakRef(t.untyped_storage()) for t in map(node_tensor, exclude) if t is not None}
-    seen: dict[StorageWeakRef, int] = {}
+    seen: dict[StorageWeakRef, Size] = {}
     for node in nodes:
         value = node_tensor(node)
         if value is None:
             continue
         ref = StorageWeakRef(value.untyped_storage())
         if ref not in excluded:
-            seen[ref] = storage_size(value).hint
-    return sum(seen.values())
+            seen[ref] = storage_size(value)
+    return Size(sympy.Add(*(size.expr for size in seen.values())), sum(size.hint for size in seen.values()))

@@ -1,0 +1,247 @@
+"""Simulate the live bytes of one training step: the forward graph, then the backward.
+
+The budgeted solver optimizes against this function and every peak the README quotes
+is checked against it, so it models what the runtime really does:
+
+- one storage per allocation: views and in-place results share their base's storage
+  and cost nothing; a storage is allocated by the first node that produces it and
+  freed right after the last node that reads any alias of it (FX's generated code
+  drops each value after its last use; the backward gets its inputs boxed, so saved
+  activations are released one by one as the backward finishes with them);
+- while a node runs, its inputs and its freshly allocated outputs are live together,
+  with the scratch memory the op needs inside itself (``workspace``);
+- parameters, buffers and inputs of the forward exist before and after the step
+  (``resident_bytes``); the step's peak is counted above them, as it is measured;
+- forward outputs that the backward does not read (the loss) and the gradients the
+  backward returns live to the end of the step.
+
+Each storage becomes an interval of timeline positions; the live bytes are their sum.
+A full simulation is linear in the graph size (a difference array). ``LiveBytes``
+keeps the same sums in a segment tree so a solver can add or remove intervals, that
+is, try another plan, in O(log n) each and read the new peak at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from remat._torch_internals import size_hint, storage_key
+from remat.cost_models.workspace import workspace_bytes
+
+
+@dataclass(frozen=True)
+class Interval:
+    """``nbytes`` live from timeline position ``start`` to ``end``, both inclusive."""
+
+    label: str
+    nbytes: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class MemoryTimeline:
+    """Live bytes above the resident ones while each node runs, and where they peak.
+
+    positions: ``"forward:<node>"`` / ``"backward:<node>"`` for every node that runs.
+    """
+
+    positions: list[str]
+    live_bytes: list[int]
+    intervals: list[Interval]
+    resident_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.live_bytes, default=0)
+
+    @property
+    def peak_at(self) -> str:
+        if not self.live_bytes:
+            return ""
+        return self.positions[self.live_bytes.index(self.peak_bytes)]
+
+    def live_at_peak(self) -> list[Interval]:
+        """The storages live at the peak, largest first: what to cut to lower it."""
+        at = self.live_bytes.index(self.peak_bytes) if self.live_bytes else -1
+        live = [i for i in self.intervals if i.start <= at <= i.end]
+        return sorted(live, key=lambda i: -i.nbytes)
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for t in value if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _running_nodes(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+
+
+@dataclass
+class _Storage:
+    label: str
+    nbytes: int
+    start: int
+    end: int
+
+
+def simulate_step(forward: fx.Graph, backward: fx.Graph | None = None) -> MemoryTimeline:
+    """The memory timeline of ``forward`` then ``backward`` (partitioned graphs whose
+    values share fake tensors, as AOTAutograd's partitioner makes them)."""
+    graphs = [("forward", forward)] + ([("backward", backward)] if backward is not None else [])
+    positions: list[str] = []
+    where: dict[fx.Node, int] = {}
+    for name, graph in graphs:
+        for node in _running_nodes(graph):
+            where[node] = len(positions)
+            positions.append(f"{name}:{node.name}")
+    last = len(positions) - 1
+
+    resident: dict[int, int] = {}
+    for node in forward.find_nodes(op="placeholder"):
+        for tensor in _tensors(node.meta.get("val")):
+            resident[storage_key(tensor)] = _storage_bytes(tensor)
+
+    # Storages are told apart by graph: the backward's recomputed ops carry the fake
+    # tensors of the forward ops they repeat, but allocate anew. Only the backward's
+    # inputs (saved values, and views of them) are the forward's storages.
+    storages: dict[tuple[int, int], _Storage] = {}
+    graph_start = 0
+    for index, (name, graph) in enumerate(graphs):
+        nodes = _running_nodes(graph)
+        graph_end = graph_start + len(nodes) - 1
+        handed_over = {
+            storage_key(t)
+            for node in graph.find_nodes(op="placeholder")
+            for t in _tensors(node.meta.get("val"))
+        }
+        for node in graph.nodes:
+            if node.op == "output":
+                continue
+            born = graph_start if node.op == "placeholder" else where[node]
+            dies = max((where.get(u, graph_end) for u in node.users), default=born)
+            for tensor in _tensors(node.meta.get("val")):
+                ref = storage_key(tensor)
+                if ref in resident:
+                    continue
+                key = (index - 1, ref) if index and ref in handed_over else (index, ref)
+                storage = storages.get(key)
+                if storage is None:
+                    storages[key] = _Storage(node.name, _storage_bytes(tensor), born, dies)
+                else:
+                    storage.end = max(storage.end, dies)
+        graph_start = graph_end + 1
+    _keep_forward_outputs_to_end(forward, backward, storages, last)
+
+    intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
+    for node, position in where.items():
+        if scratch := workspace_bytes(node):
+            intervals.append(Interval(f"workspace of {node.name}", scratch, position, position))
+    return MemoryTimeline(positions, _sum_intervals(intervals, len(positions)), intervals, sum(resident.values()))
+
+
+def _keep_forward_outputs_to_end(
+    forward: fx.Graph,
+    backward: fx.Graph | None,
+    storages: dict[tuple[int, int], _Storage],
+    last: int,
+) -> None:
+    """Forward outputs the backward does not read (the loss) go back to the caller and
+    outlive both graphs. (The backward's outputs, the gradients, already live to the
+    end: the output node is their last use.)"""
+    read_by_backward = set()
+    if backward is not None:
+        for node in backward.find_nodes(op="placeholder"):
+            read_by_backward.update(storage_key(t) for t in _tensors(node.meta.get("val")))
+    (outputs,) = forward.find_nodes(op="output")
+    for value in outputs.all_input_nodes:
+        for tensor in _tensors(value.meta.get("val")):
+            key = storage_key(tensor)
+            if (0, key) in storages and key not in read_by_backward:
+                storages[0, key].end = last
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    return size_hint(tensor.untyped_storage().nbytes())
+
+
+def _sum_intervals(intervals: Iterable[Interval], length: int) -> list[int]:
+    """Live bytes at each position: a difference array, then a running sum."""
+    delta = [0] * (length + 1)
+    for interval in intervals:
+        delta[interval.start] += interval.nbytes
+        delta[interval.end + 1] -= interval.nbytes
+    return list(itertools.accumulate(delta[:length]))
+
+
+class LiveBytes:
+    """Live bytes per position under interval additions, with the peak always at hand.
+
+    A segment tree where each node holds the additions covering its whole range and the
+    largest sum below it: ``add`` is O(log n), ``peak`` O(1), ``peak_position`` O(log n).
+    """
+
+    def __init__(self, live_bytes: Sequence[int]) -> None:
+        self.length = len(live_bytes)
+        self.size = 1 << max(self.length - 1, 0).bit_length()
+        # padding leaves hold -inf, so they never peak; no addition ever reaches them
+        self._add: list[float] = [0] * (2 * self.size)
+        self._max: list[float] = [0] * (2 * self.size)
+        for i in range(self.size):
+            value = live_bytes[i] if i < self.length else float("-inf")
+            self._add[self.size + i] = self._max[self.size + i] = value
+        for i in range(self.size - 1, 0, -1):
+            self._max[i] = max(self._max[2 * i], self._max[2 * i + 1])
+
+    def add(self, start: int, end: int, nbytes: int) -> None:
+        """Add ``nbytes`` to positions ``start..end`` inclusive (negative to remove)."""
+        if not 0 <= start <= end < self.length:
+            raise IndexError(f"interval {start}..{end} is outside the timeline 0..{self.length - 1}")
+        lo, hi = start + self.size, end + self.size + 1
+        first, final = lo, hi - 1
+        while lo < hi:
+            if lo & 1:
+                self._add[lo] += nbytes
+                self._max[lo] += nbytes
+                lo += 1
+            if hi & 1:
+                hi -= 1
+                self._add[hi] += nbytes
+                self._max[hi] += nbytes
+            lo >>= 1
+            hi >>= 1
+        for leaf in (first, final):
+            i = leaf >> 1
+            while i:
+                self._max[i] = self._add[i] + max(self._max[2 * i], self._max[2 * i + 1])
+                i >>= 1
+
+    def peak(self) -> int:
+        return int(self._max[1])
+
+    def peak_position(self) -> int:
+        """The first position where the live bytes reach the peak."""
+        i, target = 1, self._max[1]
+        while i < self.size:
+            target -= self._add[i]
+            i = 2 * i if self._max[2 * i] == target else 2 * i + 1
+        return i - self.size
+
+    def values(self) -> list[int]:
+        """Every position's live bytes (O(n log n); for checks and plots)."""
+        out = []
+        for leaf in range(self.size, self.size + self.length):
+            total, i = 0, leaf
+            while i:
+                total += self._add[i]
+                i >>= 1
+            out.append(int(total))
+        return out
