@@ -6,8 +6,8 @@
    and the GPT-style model at two sizes, one fresh process compiles the step with
    ``backend="remat"`` and the eager inner compiler, measures the peak of one step
    (DESIGN.md "Measuring") and reports the peak its Plan predicted for that same graph.
-2. Time: on the GPT-style model, strategies that run op by op are timed (median step,
-   fresh process each) and their steps are predicted from the ops they run, traced
+2. Time: on the GPT-style model, strategies that run op by op are timed (fresh
+   processes, strategies in turn, medians) and their steps are predicted from the ops they run, traced
    with fake tensors, by the roofline estimator on this CPU's calibrated profile; the
    two orders are compared.
 3. Simulator speed: a joint graph of more than 10,000 nodes (a deep GPT's forward and
@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -120,16 +121,25 @@ def predicted_step_time(spec: ModelSpec, strategy: str) -> float:
     return graph_time(graph, make_estimator("roofline", "cpu"))
 
 
-def time_ranking(threads: int, steps: int) -> list[dict[str, Any]]:
-    """Measured (median step, fresh process each) and predicted step time per strategy."""
-    rows = []
-    for strategy in TIME_STRATEGIES:
-        print(f"time: {strategy} ...", flush=True)
-        measured = run_worker(Job(TIME_MODEL, strategy, "time", threads=threads, steps=steps, grad_check=False))
-        rows.append(
-            {"strategy": strategy, "measured_step_s": measured["step_s"], "predicted_step_s": predicted_step_time(TIME_MODEL, strategy)}
-        )
-    return rows
+def time_ranking(threads: int, steps: int, rounds: int) -> list[dict[str, Any]]:
+    """Measured and predicted step time per strategy. The measurement is the median of
+    ``rounds`` fresh processes per strategy, run in turn (eager, checkpoint, remat-eager,
+    eager, ...), so a slow spell on a shared machine hits every strategy alike."""
+    samples: dict[str, list[float]] = {s: [] for s in TIME_STRATEGIES}
+    for round_ in range(rounds):
+        for strategy in TIME_STRATEGIES:
+            print(f"time: {strategy} (round {round_ + 1} of {rounds}) ...", flush=True)
+            job = Job(TIME_MODEL, strategy, "time", threads=threads, steps=steps, grad_check=False)
+            samples[strategy].append(run_worker(job)["step_s"])
+    return [
+        {
+            "strategy": strategy,
+            "measured_step_s": statistics.median(samples[strategy]),
+            "measured_rounds_s": samples[strategy],
+            "predicted_step_s": predicted_step_time(TIME_MODEL, strategy),
+        }
+        for strategy in TIME_STRATEGIES
+    ]
 
 
 def _order(rows: list[dict[str, Any]], key: str) -> list[str]:
@@ -139,12 +149,13 @@ def _order(rows: list[dict[str, Any]], key: str) -> list[str]:
 def _time_table(rows: list[dict[str, Any]]) -> str:
     eager = next(r for r in rows if r["strategy"] == "eager")
     lines = [
-        "| strategy | measured median step s | measured / eager | predicted step s | predicted / eager |",
+        "| strategy | measured step s (each round) | measured / eager | predicted step s | predicted / eager |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['strategy']} | {r['measured_step_s']:.3f} | {r['measured_step_s'] / eager['measured_step_s']:.2f} "
+            f"| {r['strategy']} | {r['measured_step_s']:.3f} ({', '.join(f'{t:.3f}' for t in r['measured_rounds_s'])}) "
+            f"| {r['measured_step_s'] / eager['measured_step_s']:.2f} "
             f"| {r['predicted_step_s']:.3f} | {r['predicted_step_s'] / eager['predicted_step_s']:.2f} |"
         )
     return "\n".join(lines)
@@ -182,7 +193,8 @@ def simulation_speed() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per strategy (median reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process (their median is its time)")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per strategy, run in turn (median)")
     parser.add_argument("--json", type=Path, default=RESULTS / "predict.json", help="where to write the raw numbers")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(header), flush=True)
 
     peaks = peak_accuracy(args.threads)
-    times = time_ranking(args.threads, args.steps)
+    times = time_ranking(args.threads, args.steps, args.rounds)
     speed = simulation_speed()
     measured_order, predicted_order = _order(times, "measured_step_s"), _order(times, "predicted_step_s")
     worst = max(abs(r["ratio"] - 1) for r in peaks)
@@ -220,8 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "## Step time: predicted order against measured order (GPT, demo size, no optimizer)",
         "",
-        "Measured: median of the timed steps in a fresh process per strategy. Predicted: the roofline "
-        "estimator on this CPU's calibrated profile, summed over the ops each strategy runs.",
+        f"Measured: the median over {args.rounds} fresh processes per strategy, run in turn, of each "
+        f"process's median of {args.steps} steps. Predicted: the roofline estimator on this CPU's "
+        "calibrated profile, summed over the ops each strategy runs.",
         "",
         _time_table(times),
         "",

@@ -18,7 +18,7 @@ import torch.fx as fx
 from remat import _torch_internals as internals
 from remat.options import RematOptions
 from remat.passes.remat import MinCutResult, solve_min_cut
-from remat.plan import Plan, decisions_from_graphs, estimate_time, predict_memory, saved_activation_size
+from remat.plan import MemoryPrediction, Plan, decisions_from_graphs, estimate_time, predict_memory, saved_activation_size
 
 log = logging.getLogger("remat")
 
@@ -69,7 +69,19 @@ class RematPartitioner:
             fw, bw = internals.pytorch_default_partition(
                 joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
             )
-            plan = self._plan(fw, bw, num_fwd_outputs, None, fallback_reason=reason)
+            try:
+                plan = self._plan(fw, bw, num_fwd_outputs, None, fallback_reason=reason)
+            except Exception:  # describing the fallback must not stop training either
+                log.debug("remat could not describe the fallback of %s", self.graph_name, exc_info=True)
+                plan = Plan(
+                    graph=self.graph_name,
+                    inner_compiler=self.options.inner_compiler,
+                    partitioner="pytorch-default",
+                    decisions=[],
+                    saved_bytes=0,
+                    options=self.options.to_dict(),
+                    fallback_reason=f"{reason} (the fallback's decisions could not be listed)",
+                )
         self.on_plan(plan)
         return fw, bw
 
@@ -89,14 +101,7 @@ class RematPartitioner:
             keep_reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
             default = "min-cut: part of the cheapest set of values to keep"
         saved = saved_activation_size(fw, num_fwd_outputs)
-        try:
-            memory = predict_memory(fw, bw)
-            time_s, estimator = estimate_time(fw, bw, self.options.time_estimator)
-        except Exception:
-            if fallback_reason is None:
-                raise  # the caller falls back
-            log.debug("remat could not estimate the fallback partition of %s", self.graph_name, exc_info=True)
-            memory, time_s, estimator = None, None, None
+        memory, time_s, estimator = self._estimates(fw, bw, num_fwd_outputs)
         plan = Plan(
             graph=self.graph_name,
             inner_compiler=self.options.inner_compiler,
@@ -113,3 +118,20 @@ class RematPartitioner:
         )
         log.info("%s", plan.summary())
         return plan
+
+    def _estimates(
+        self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
+    ) -> tuple[MemoryPrediction | None, float | None, str | None]:
+        """Predicted memory and time. They describe the partition, they do not make it:
+        if the cost models fail, the Plan goes without them and the partition stands."""
+        try:
+            memory = predict_memory(fw, bw, num_fwd_outputs)
+            time_s, estimator = estimate_time(fw, bw, self.options.time_estimator)
+        except Exception as error:
+            log.warning(
+                "remat could not estimate the memory and time of graph %s (%s: %s); its Plan has no predictions",
+                self.graph_name, type(error).__name__, error,
+            )
+            log.debug("remat cost model failure", exc_info=True)
+            return None, None, None
+        return memory, time_s, estimator

@@ -17,7 +17,6 @@ import sympy
 import torch
 import torch.fx as fx
 
-from remat.cost_models.devices import profile_for_device
 from remat.cost_models.memory import simulate_step
 from remat.cost_models.runtime import graph_time, make_estimator
 from remat.cost_models.sizes import Size, node_tensor, tensor_size, unique_storage_size
@@ -61,8 +60,9 @@ class MemoryPrediction:
 class Plan:
     """Decisions for one graph. ``saved_bytes`` counts each kept storage once,
     leaving out parameters and inputs (and views of them), which live anyway.
-    ``memory`` is the predicted timeline of a step run op by op (the eager inner
-    compiler); Inductor's fusion only removes intermediates from it."""
+    ``memory`` and ``estimated_time_s`` predict a step run op by op (the eager inner
+    compiler); under Inductor, fusion removes intermediates and kernels, so they
+    overestimate."""
 
     graph: str
     inner_compiler: str
@@ -134,9 +134,9 @@ class Plan:
     __str__ = summary
 
 
-def predict_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule) -> MemoryPrediction:
+def predict_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int) -> MemoryPrediction:
     """Simulate a step of the two graphs; keep what a Plan reports."""
-    timeline = simulate_step(fw_module.graph, bw_module.graph)
+    timeline = simulate_step(fw_module.graph, bw_module.graph, num_user_outputs=num_fwd_outputs)
     return MemoryPrediction(
         peak_bytes=timeline.peak_bytes,
         resident_bytes=timeline.resident_bytes,
@@ -148,11 +148,10 @@ def predict_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule) -> Memo
 
 def estimate_time(fw_module: fx.GraphModule, bw_module: fx.GraphModule, estimator_name: str) -> tuple[float, str]:
     """Seconds for a step of the two graphs run op by op, and how that was estimated."""
-    device = _graph_device(fw_module)
-    estimator = make_estimator(estimator_name, device)
-    label = estimator_name
+    estimator = make_estimator(estimator_name, _graph_device(fw_module))
+    label = f"{estimator_name}, op by op"
     if estimator_name == "roofline":
-        label += f" on the {profile_for_device(device).name} profile"
+        label += f", {estimator.profile.name} profile"  # type: ignore[attr-defined]
     return graph_time(fw_module, estimator) + graph_time(bw_module, estimator), label
 
 

@@ -187,7 +187,7 @@ def test_evaluate_names_missing_symbols() -> None:
     try:
         plan.evaluate(plan.saved_bytes_expr, {})
     except ValueError as error:
-        assert "L['x'].size()" in str(error)
+        assert "example_inputs[0].size()[0]" in str(error)
     else:
         raise AssertionError("evaluate without sizes did not complain")
 
@@ -222,14 +222,15 @@ def test_step_peak_includes_the_convolution_workspace() -> None:
     plan = remat.plan(conv, x, inner_compiler="eager")
     assert plan.memory is not None
     activation = x.numel() * 4
-    # oneDNN reorders the input for the weight gradient: more than the gradient alone
+    # without scratch: the output and its gradient (2x); oneDNN reorders the input and
+    # the gradient on top of that in the backward
     if torch.backends.mkldnn.is_available():
-        assert plan.memory.peak_bytes >= 2 * activation
+        assert plan.memory.peak_bytes > 3 * activation
 
 
 def test_predicted_peak_is_within_twenty_percent_of_the_measured_one() -> None:
     """A step measured in a fresh process (DESIGN.md "Measuring") against the peak its
-    own Plan predicted; benchmarks/predict.py holds the zoo to 10% at larger sizes."""
+    own Plan predicted; `make predict` reports the zoo at larger sizes (within 2%)."""
     from benchmarks.measure import Job, ModelSpec, run_worker
 
     spec = ModelSpec("gpt", {"n_layers": 2, "d_model": 128, "n_heads": 4, "seq_len": 128, "vocab": 4096, "batch": 4, "dropout": 0.0})
@@ -260,3 +261,38 @@ def test_simulated_timeline_accounts_for_every_tensor_of_a_step(spec: ModelSpec)
     assert memory.live_bytes[forward_end] >= plan.saved_bytes
     gradients = [p for p in model.parameters() if p.requires_grad] + ([x] if x.requires_grad else [])
     assert memory.live_bytes[-1] >= sum(t.numel() * t.element_size() for t in gradients)
+
+
+def test_an_output_the_backward_also_reads_lives_to_the_end_of_the_step() -> None:
+    # exp's output is both returned to the caller and saved for its own backward
+    model = nn.Linear(1024, 1024)
+    x = torch.randn(256, 1024)
+    plan = remat.plan(lambda x: model(x).exp(), x, inner_compiler="eager")
+    memory = plan.memory
+    assert memory is not None
+    output = 256 * 1024 * 4
+    gradients = sum(p.numel() * 4 for p in model.parameters())
+    assert memory.live_bytes[-1] >= output + gradients
+
+
+def test_planning_leaves_the_recompile_limit_to_the_user() -> None:
+    for _ in range(10):  # more than Dynamo's recompile limit
+        remat.plan(nn.Linear(4, 4), torch.randn(2, 4), inner_compiler="eager")
+    model = nn.Linear(4, 4)
+    remat.compile(model, inner_compiler="eager")(torch.randn(2, 4)).sum().backward()
+    assert len(remat.plans(model)) == 1
+
+
+def test_a_failing_cost_model_keeps_the_remat_partition(monkeypatch, caplog) -> None:
+    import remat.partition
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulator broke")
+
+    monkeypatch.setattr(remat.partition, "predict_memory", broken)
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+    compiled = remat.compile(model, inner_compiler="eager", on_plan_failure="raise")
+    compiled(torch.randn(4, 8)).sum().backward()
+    (plan,) = remat.plans(model)
+    assert plan.partitioner == "remat-min-cut" and plan.memory is None and plan.estimated_time_s is None
+    assert "simulator broke" in caplog.text

@@ -501,9 +501,12 @@ def test_profiler_on_a_small_gpt_step():
 
     gm = make_fx(step, tracing_mode="fake")({k: v.detach().requires_grad_() for k, v in params.items()}, case.inputs[0], targets)
     fallback = roofline_estimator(FIXED_CPU)
-    profiled = graph_time(gm, ProfilingEstimator(CPU, fallback=fallback, repeats=1))
+    estimator = ProfilingEstimator(CPU, fallback=fallback, repeats=1)
+    profiled = graph_time(gm, estimator)
     assert math.isfinite(profiled) and profiled > 0
     assert graph_time(gm, fallback) > 0
+    timed = [seconds for seconds in estimator.cache.values() if seconds is not None]
+    assert len(timed) >= len(estimator.cache) // 2, "most ops of a GPT step should be timed, not estimated"
 
 
 def test_calibration_from_inside_planning_times_real_kernels(tmp_path, monkeypatch):
@@ -513,8 +516,10 @@ def test_calibration_from_inside_planning_times_real_kernels(tmp_path, monkeypat
 
     monkeypatch.setenv("REMAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(devices, "_memo", {})
-    remat.plan(torch.nn.Linear(8, 8), torch.randn(4, 8), inner_compiler="eager")
-    planned = devices.calibrated_profile("cpu")
+    plan = remat.plan(torch.nn.Linear(8, 8), torch.randn(4, 8), inner_compiler="eager")
+    assert plan.estimated_time_s is not None
+    assert devices._memo, "planning did not calibrate"
+    planned = devices.calibrated_profile("cpu")  # the memo planning filled
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     direct = 2 * 512**3 / devices.time_call(lambda: torch.mm(a, b), torch.device("cpu"), repeats=5, best=True)
     assert direct / 5 < planned.matmul_rate(torch.float32) < direct * 5, (planned, direct)

@@ -93,9 +93,12 @@ class _Storage:
     end: int
 
 
-def simulate_step(forward: fx.Graph, backward: fx.Graph | None = None) -> MemoryTimeline:
+def simulate_step(
+    forward: fx.Graph, backward: fx.Graph | None = None, *, num_user_outputs: int | None = None
+) -> MemoryTimeline:
     """The memory timeline of ``forward`` then ``backward`` (partitioned graphs whose
-    values share fake tensors, as AOTAutograd's partitioner makes them)."""
+    values share fake tensors, as AOTAutograd's partitioner makes them). The first
+    ``num_user_outputs`` forward outputs are the caller's; the rest are saved values."""
     graphs = [("forward", forward)] + ([("backward", backward)] if backward is not None else [])
     positions: list[str] = []
     where: dict[fx.Node, int] = {}
@@ -139,7 +142,7 @@ def simulate_step(forward: fx.Graph, backward: fx.Graph | None = None) -> Memory
                 else:
                     storage.end = max(storage.end, dies)
         graph_start = graph_end + 1
-    _keep_forward_outputs_to_end(forward, backward, storages, last)
+    _keep_forward_outputs_to_end(forward, backward, storages, last, num_user_outputs)
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
     for node, position in where.items():
@@ -153,20 +156,37 @@ def _keep_forward_outputs_to_end(
     backward: fx.Graph | None,
     storages: dict[tuple[int, int], _Storage],
     last: int,
+    num_user_outputs: int | None,
 ) -> None:
-    """Forward outputs the backward does not read (the loss) go back to the caller and
-    outlive both graphs. (The backward's outputs, the gradients, already live to the
-    end: the output node is their last use.)"""
-    read_by_backward = set()
-    if backward is not None:
-        for node in backward.find_nodes(op="placeholder"):
-            read_by_backward.update(storage_key(t) for t in _tensors(node.meta.get("val")))
-    (outputs,) = forward.find_nodes(op="output")
-    for value in outputs.all_input_nodes:
+    """The forward's user outputs (the loss, the model's outputs) go back to the caller
+    and outlive both graphs, even when the backward reads them too. The rest are saved
+    for the backward and die at their last use there. Without ``num_user_outputs``,
+    every output the backward does not read is taken for a user output. (The
+    backward's outputs, the gradients, already live to the end: the output node is
+    their last use.)"""
+    (output_node,) = forward.find_nodes(op="output")
+    outputs = _output_nodes(output_node.args[0] if output_node.args else ())
+    if num_user_outputs is not None:
+        user = outputs[:num_user_outputs]
+    else:
+        read_by_backward = set()
+        if backward is not None:
+            for node in backward.find_nodes(op="placeholder"):
+                read_by_backward.update(storage_key(t) for t in _tensors(node.meta.get("val")))
+        user = [v for v in outputs if not any(storage_key(t) in read_by_backward for t in _tensors(v.meta.get("val")))]
+    for value in user:
         for tensor in _tensors(value.meta.get("val")):
-            key = storage_key(tensor)
-            if (0, key) in storages and key not in read_by_backward:
+            if (0, key := storage_key(tensor)) in storages:
                 storages[0, key].end = last
+
+
+def _output_nodes(value: object) -> list[fx.Node]:
+    """The nodes a graph returns, in order (the output may be one node or nested lists)."""
+    if isinstance(value, fx.Node):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [node for item in value for node in _output_nodes(item)]
+    return []
 
 
 def _storage_bytes(tensor: torch.Tensor) -> int:
@@ -225,7 +245,7 @@ class LiveBytes:
                 i >>= 1
 
     def peak(self) -> int:
-        return int(self._max[1])
+        return int(self._max[1]) if self.length else 0
 
     def peak_position(self) -> int:
         """The first position where the live bytes reach the peak."""

@@ -47,32 +47,42 @@ def _contiguous_copy(t: torch.Tensor) -> int:
     return 0 if _is_contiguous(t) else _bytes(t)
 
 
-def _uses_onednn(x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilation: list[int]) -> bool:
-    """PyTorch's CPU choice between oneDNN and its own direct kernels (``use_mkldnn``):
-    oneDNN unless the convolution is a 1x1, unstrided, undilated one on a small batch
-    run by one thread."""
-    if not torch.backends.mkldnn.is_available() or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+def _uses_onednn(x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilation: list[int], groups: int) -> bool:
+    """PyTorch's CPU choice between oneDNN and its own kernels for a float32
+    convolution (``ConvParams::use_mkldnn``): oneDNN unless the convolution is a 1x1,
+    unstrided, undilated one on a batch under 16 run by one thread, or a tiny
+    single-image one. The rules below were measured for float32 only."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) or x.dtype != torch.float32:
         return False
-    pointwise = all(size_hint(k) == 1 for k in weight.shape[2:])
+    batch = size_hint(x.shape[0])
+    kernel = [size_hint(k) for k in weight.shape[2:]]
+    pointwise = all(k == 1 for k in kernel)
     plain = all(s == 1 for s in stride) and all(d == 1 for d in dilation)
-    return not (pointwise and plain and size_hint(x.shape[0]) < 16 and torch.get_num_threads() == 1)
+    if pointwise and plain and batch < 16 and torch.get_num_threads() == 1:
+        return False
+    return groups > 1 or all(k > 3 for k in kernel) or batch > 1 or size_hint(x.numel()) > 20480
 
 
 def _cpu_convolution(node: fx.Node) -> int:
     # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     x, weight = _val(node.args[0]), _val(node.args[1])
-    stride, dilation = list(node.args[3]), list(node.args[5])
-    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)) or not _uses_onednn(x, weight, stride, dilation):
+    stride, dilation, transposed, groups = list(node.args[3]), list(node.args[5]), node.args[6], node.args[8]
+    if transposed or not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return 0  # transposed convolutions: not measured
+    if not _uses_onednn(x, weight, stride, dilation, groups):
         return 0
     # measured: the larger of input and output is reordered, plus the weight
     return max(_bytes(x), _bytes(node.meta.get("val"))) + _bytes(weight) + _contiguous_copy(x)
 
 
 def _cpu_convolution_backward(node: fx.Node) -> int:
-    # convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, ...)
+    # convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
+    #                      transposed, output_padding, groups, output_mask)
     grad_out, x, weight = (_val(a) for a in node.args[:3])
-    stride, dilation = list(node.args[4]), list(node.args[6])
-    if not all(isinstance(t, torch.Tensor) for t in (grad_out, x, weight)) or not _uses_onednn(x, weight, stride, dilation):
+    stride, dilation, transposed, groups = list(node.args[4]), list(node.args[6]), node.args[7], node.args[9]
+    if transposed or not all(isinstance(t, torch.Tensor) for t in (grad_out, x, weight)):
+        return 0  # transposed convolutions: not measured
+    if not _uses_onednn(x, weight, stride, dilation, groups):
         return 0
     # measured: input and grad_output reordered; with a stride, the grad_output is
     # brought to the input's resolution first, so twice the input
