@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import size_hint, storage_key
+from remat.cost_models.sizes import tensors_in
 from remat.cost_models.workspace import workspace_bytes
 
 
@@ -73,14 +74,6 @@ class MemoryTimeline:
         return sorted(live, key=lambda i: -i.nbytes)
 
 
-def _tensors(value: object) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for t in value if isinstance(t, torch.Tensor)]
-    return []
-
-
 def _running_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op not in ("placeholder", "output")]
 
@@ -110,7 +103,7 @@ def simulate_step(
 
     resident: dict[int, int] = {}
     for node in forward.find_nodes(op="placeholder"):
-        for tensor in _tensors(node.meta.get("val")):
+        for tensor in tensors_in(node.meta.get("val")):
             resident[storage_key(tensor)] = _storage_bytes(tensor)
 
     # Storages are told apart by graph: the backward's recomputed ops carry the fake
@@ -124,14 +117,14 @@ def simulate_step(
         handed_over = {
             storage_key(t)
             for node in graph.find_nodes(op="placeholder")
-            for t in _tensors(node.meta.get("val"))
+            for t in tensors_in(node.meta.get("val"))
         }
         for node in graph.nodes:
             if node.op == "output":
                 continue
             born = graph_start if node.op == "placeholder" else where[node]
             dies = max((where.get(u, graph_end) for u in node.users), default=born)
-            for tensor in _tensors(node.meta.get("val")):
+            for tensor in tensors_in(node.meta.get("val")):
                 ref = storage_key(tensor)
                 if ref in resident:
                     continue
@@ -172,10 +165,10 @@ def _keep_forward_outputs_to_end(
         read_by_backward = set()
         if backward is not None:
             for node in backward.find_nodes(op="placeholder"):
-                read_by_backward.update(storage_key(t) for t in _tensors(node.meta.get("val")))
-        user = [v for v in outputs if not any(storage_key(t) in read_by_backward for t in _tensors(v.meta.get("val")))]
+                read_by_backward.update(storage_key(t) for t in tensors_in(node.meta.get("val")))
+        user = [v for v in outputs if not any(storage_key(t) in read_by_backward for t in tensors_in(v.meta.get("val")))]
     for value in user:
-        for tensor in _tensors(value.meta.get("val")):
+        for tensor in tensors_in(value.meta.get("val")):
             if (0, key := storage_key(tensor)) in storages:
                 storages[0, key].end = last
 

@@ -21,7 +21,7 @@ from torch.fx.node import map_aggregate, map_arg
 from remat._torch_internals import is_builtin_op, is_op_overload, real_kernels, size_hint
 from remat.cost_models.devices import TRANSCENDENTAL_FLOPS, DeviceProfile, profile_for_device, time_call
 from remat.cost_models.flops import node_flops
-from remat.cost_models.sizes import tensor_size
+from remat.cost_models.sizes import tensor_size, tensors_in
 from remat.passes.recompute_rules import is_view
 
 log = logging.getLogger("remat")
@@ -55,20 +55,13 @@ def _packet(node: fx.Node) -> Any:
     return getattr(node.target, "overloadpacket", None)
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in a node's value or arguments (nested tuples, lists, dicts)."""
-    found: list[torch.Tensor] = []
-    map_aggregate(value, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
-    return found
-
-
 def is_free(node: fx.Node) -> bool:
     """Nodes that run no kernel: graph inputs/outputs, views, getitem, SymInt math
     (``sym_size`` included: ops whose value holds no tensor)."""
     if node.op != "call_function" or not is_op_overload(node.target) or is_view(node) or _packet(node) in _FREE_OPS:
         return True
     value = node.meta.get("val")
-    return value is not None and not _tensors(value)
+    return value is not None and not tensors_in(value)
 
 
 def _span_bytes(t: torch.Tensor) -> int:
@@ -88,10 +81,10 @@ def bytes_moved(node: fx.Node) -> int:
     a gather reads no more of its table than it writes."""
     if is_free(node) or _packet(node) in _ALLOCATIONS:
         return 0
-    written = sum(tensor_size(t).hint for t in _tensors(node.meta.get("val")))
+    written = sum(tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
     read = 0
     for i, arg in enumerate(node.all_input_nodes):
-        for t in _tensors(arg.meta.get("val")):
+        for t in tensors_in(arg.meta.get("val")):
             nbytes = _span_bytes(t)
             read += min(nbytes, written) if i == 0 and _packet(node) in _GATHERS else nbytes
     return read + written
@@ -100,9 +93,9 @@ def bytes_moved(node: fx.Node) -> int:
 def _elements(node: fx.Node) -> int:
     """Elements an op computes on: its largest input or output (a reduction's input;
     a gather's output, since it reads only what it writes)."""
-    values = _tensors(node.meta.get("val"))
+    values = tensors_in(node.meta.get("val"))
     if _packet(node) not in _GATHERS:
-        values += [t for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))]
+        values += [t for a in node.all_input_nodes for t in tensors_in(a.meta.get("val"))]
     return max((size_hint(t.numel()) for t in values), default=0)
 
 
@@ -119,7 +112,7 @@ def _first_touch_bytes(node: fx.Node, profile: DeviceProfile) -> int:
     threshold = profile.first_touch_threshold
     if threshold is None or is_free(node) or _packet(node) in _ALLOCATIONS:
         return 0
-    sizes = (tensor_size(t).hint for t in _tensors(node.meta.get("val")))
+    sizes = (tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
     return sum(s for s in sizes if s >= threshold)
 
 
@@ -146,13 +139,13 @@ def roofline_time(node: fx.Node, profile: DeviceProfile) -> float:
     getitem and SymInt arithmetic cost nothing."""
     if node.op != "call_function" or not is_op_overload(node.target):
         return 0.0
-    if node.meta.get("val") is not None and not _tensors(node.meta["val"]):
+    if node.meta.get("val") is not None and not tensors_in(node.meta["val"]):
         return 0.0  # sym_size and friends: shape arithmetic, no tensor
     if is_free(node):
         return profile.view_overhead_s
     flops = node_flops(node)
     if flops:
-        inputs = [t for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))]
+        inputs = [t for a in node.all_input_nodes for t in tensors_in(a.meta.get("val"))]
         dtype = inputs[0].dtype if inputs else torch.float32
         rate = profile.matmul_rate(dtype, tf32=_uses_tf32(node))
         compute = flops / (rate * profile.conv_efficiency if _packet(node) in _CONVOLUTIONS else rate)
@@ -245,8 +238,8 @@ def _check_safe(node: fx.Node) -> None:
     bad_tags = {torch.Tag.nondeterministic_seeded, torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output}
     if bad_tags & set(op.tags):
         raise _Skip("random op, or output shape or value depends on the data")
-    devices = {t.device.type for t in _tensors(node.meta.get("val"))}
-    devices |= {t.device.type for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))}
+    devices = {t.device.type for t in tensors_in(node.meta.get("val"))}
+    devices |= {t.device.type for a in node.all_input_nodes for t in tensors_in(a.meta.get("val"))}
     if len(devices) > 1:
         raise _Skip("moves data between devices")
 
@@ -256,7 +249,7 @@ def _real_args(node: fx.Node, device: torch.device) -> tuple[tuple[Any, ...], di
     args, kwargs = map_aggregate(map_arg((node.args, node.kwargs), lambda a: a.meta.get("val")), _hint)
     kwargs = {k: device if isinstance(v, torch.device) else v for k, v in kwargs.items()}
     packet = _packet(node)
-    dims = [_hint(s) for t in _tensors((args, kwargs)) if t.dtype.is_floating_point for s in t.shape]
+    dims = [_hint(s) for t in tensors_in((args, kwargs)) if t.dtype.is_floating_point for s in t.shape]
     generic = min(dims, default=1)
 
     def real(value: Any) -> Any:

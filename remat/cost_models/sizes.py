@@ -52,6 +52,15 @@ def node_tensor(node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def tensors_in(value: object) -> list[torch.Tensor]:
+    """The tensors in a node's value: itself, or those in its (nested) tuple or list."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in tensors_in(item)]
+    return []
+
+
 def unique_storage_size(nodes: Sequence[fx.Node], exclude: Sequence[fx.Node] = ()) -> Size:
     """Bytes of the distinct storages behind ``nodes``, skipping storages of ``exclude``.
 

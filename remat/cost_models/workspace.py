@@ -16,14 +16,13 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import size_hint
+from remat.cost_models.sizes import tensor_size
 
 aten = torch.ops.aten
 
 
 def _bytes(value: object) -> int:
-    if not isinstance(value, torch.Tensor):
-        return 0
-    return size_hint(value.numel()) * value.element_size()
+    return tensor_size(value).hint if isinstance(value, torch.Tensor) else 0
 
 
 def _val(arg: object) -> object:
