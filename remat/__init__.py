@@ -1,6 +1,6 @@
 """remat: train models that would not otherwise fit in memory, at the least cost in speed.
 
-    model = torch.compile(model, backend="remat", options={...})
+    model = torch.compile(model, backend="remat", options={"memory_budget": "6GB"})
     # or
     model = remat.compile(model, inner_compiler="eager")
     ...
@@ -14,6 +14,7 @@ from remat.partition import RematFallbackWarning
 from remat.plan import Decision, MemoryPrediction, Plan
 from remat.planning import plan
 from remat.registry import explain, plans
+from remat.solver import RematBudgetWarning
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "Decision",
     "MemoryPrediction",
     "Plan",
+    "RematBudgetWarning",
     "RematFallbackWarning",
     "RematOptions",
     "compile",

@@ -30,7 +30,7 @@ if _version < MIN_TORCH:  # pragma: no cover - guarded by pyproject's torch>=2.1
 
 from torch._functorch import partitioners as _partitioners  # noqa: E402
 from torch._functorch.aot_autograd import aot_module_simplified  # noqa: E402
-from torch._functorch._aot_autograd.utils import _is_primal  # noqa: E402
+from torch._functorch._aot_autograd.utils import _is_primal, _is_tangent  # noqa: E402
 from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: E402
 from torch._inductor.decomposition import select_decomp_table  # noqa: E402
 from torch.utils.checkpoint import CheckpointPolicy  # noqa: E402
@@ -119,6 +119,10 @@ def pytorch_default_partition(
 
 def is_primal(node: fx.Node) -> bool:
     return _is_primal(node)
+
+
+def is_tangent(node: fx.Node) -> bool:
+    return _is_tangent(node)
 
 
 def checkpoint_policy(node: fx.Node) -> str | None:

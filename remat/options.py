@@ -8,21 +8,33 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
 INNER_COMPILERS = ("inductor", "eager")
 ON_PLAN_FAILURE = ("warn", "raise")
+ON_INFEASIBLE = ("raise", "closest")
 TIME_ESTIMATORS = ("roofline", "profile")
+POLICIES = ("full", "every_n", "sqrt_n", "heavy_ops", "none")
 
 # Options that later milestones implement. They are accepted by name so that a user
 # sees "not implemented yet" instead of "unknown option", and never silently ignored.
 NOT_IMPLEMENTED = {
-    "memory_budget": "a peak-memory budget for the whole training step",
-    "policy": "checkpoint policies (full, every_n, sqrt_n, heavy_ops, none)",
     "offload": "offloading saved activations to host memory",
     "compress": "gradient compression",
+    "save_only": "keeping only the values tagged with remat.tag",
 }
+
+_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+_BUDGET_HELP = (
+    "a number of bytes (6e9), a string with a unit ('6GB', '512MiB'), a fraction 0 < x <= 1 "
+    "of the peak without rematerialization (0.5), or 'auto'"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +52,39 @@ class RematOptions:
         device's profile (calibrated once on a CPU, cached; spec sheets for GPUs).
         ``"profile"``: time each distinct op on the device while planning (slower to
         plan, measured rather than modelled).
+    memory_budget:
+        The most memory a training step may use: parameters, inputs, gradients, saved
+        and transient activations, as the simulator predicts them. Bytes (``6e9``,
+        ``"6GB"``, ``"512MiB"``), a fraction of the peak without rematerialization
+        (``0.5``), or ``"auto"`` (what the device has free, less 10%). remat then
+        recomputes the least work that brings the simulated peak under the budget.
+    on_infeasible:
+        What to do when no plan meets ``memory_budget``: ``"raise"`` (default) a
+        ``ValueError`` that says the lowest peak reachable; ``"closest"``: warn and use
+        the lowest-memory plan.
+    policy:
+        A fixed checkpointing scheme over the forward's segments (layer boundaries
+        found in the graph): ``"full"`` recomputes every segment from its input,
+        ``"every_n"`` recomputes groups of ``every_n`` segments from the group's input,
+        ``"sqrt_n"`` groups of about sqrt(#segments), ``"heavy_ops"`` keeps matmul,
+        convolution and attention outputs and recomputes the rest, ``"none"`` keeps
+        everything the backward reads. With a ``memory_budget``, the policy constrains
+        and the budget decides the rest (which groups to recompute).
+    every_n:
+        The group size of ``policy="every_n"``.
+    exclude:
+        Module names (``fnmatch`` patterns on the qualified name, e.g. ``"lm_head"``,
+        ``"blocks.0.*"``) whose values are never recomputed.
     """
 
     inner_compiler: Literal["inductor", "eager"] = "inductor"
     on_plan_failure: Literal["warn", "raise"] = "warn"
     time_estimator: Literal["roofline", "profile"] = "roofline"
+    memory_budget: int | float | str | None = None
+    on_infeasible: Literal["raise", "closest"] = "raise"
+    policy: Literal["full", "every_n", "sqrt_n", "heavy_ops", "none"] | None = None
+    every_n: int = 2
+    exclude: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> RematOptions:
@@ -79,10 +119,54 @@ class RematOptions:
         _check_choice("inner_compiler", values.get("inner_compiler", "inductor"), INNER_COMPILERS)
         _check_choice("on_plan_failure", values.get("on_plan_failure", "warn"), ON_PLAN_FAILURE)
         _check_choice("time_estimator", values.get("time_estimator", "roofline"), TIME_ESTIMATORS)
+        _check_choice("on_infeasible", values.get("on_infeasible", "raise"), ON_INFEASIBLE)
+        if values.get("policy") is not None:
+            _check_choice("policy", values["policy"], POLICIES)
+        if "memory_budget" in values and values["memory_budget"] is not None:
+            parse_budget(values["memory_budget"])
+        every_n = values.get("every_n", 2)
+        if isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 1:
+            raise ValueError(f"remat option 'every_n' must be an integer >= 1; got {every_n!r}")
+        if "every_n" in values and values.get("policy") != "every_n":
+            raise ValueError(
+                f"remat option 'every_n' (got {every_n!r}) only applies to policy='every_n'; "
+                f"got policy={values.get('policy')!r}"
+            )
+        values["exclude"] = _check_exclude(values.get("exclude", ()))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["exclude"] = list(self.exclude)
+        if self.policy != "every_n":
+            del values["every_n"]  # only meaningful (and only accepted) with that policy
+        return values
+
+
+def parse_budget(value: object) -> tuple[Literal["bytes", "fraction", "auto"], float]:
+    """Read a ``memory_budget``: ("bytes", n), ("fraction", x) or ("auto", 0)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "auto":
+            return "auto", 0.0
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)", text)
+        unit = match.group(2).upper() if match else ""
+        if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+            raise ValueError(f"remat option 'memory_budget' must be {_BUDGET_HELP}; got {value!r}")
+        return "bytes", float(match.group(1)) * _UNITS[unit]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return ("fraction", float(value)) if value <= 1 else ("bytes", float(value))
+    raise ValueError(f"remat option 'memory_budget' must be {_BUDGET_HELP}; got {value!r}")
+
+
+def _check_exclude(value: object) -> tuple[str, ...]:
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(
+            f"remat option 'exclude' must be a module name pattern or a list of them "
+            f"(e.g. ['embed', 'lm_head']); got {value!r}"
+        )
+    return tuple(patterns)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -17,7 +17,9 @@ import torch.fx as fx
 
 from remat import _torch_internals as internals
 from remat.options import RematOptions
+from remat.passes.budget import InfeasibleBudget
 from remat.passes.remat import MinCutResult, solve_min_cut
+from remat.solver import BudgetedChoice, choose_saved, uses_solver
 from remat.plan import MemoryPrediction, Plan, decisions_from_graphs, estimate_time, predict_memory, saved_activation_size
 
 log = logging.getLogger("remat")
@@ -43,10 +45,13 @@ class RematPartitioner:
         num_fwd_outputs: int,
         **kwargs: Any,
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-        results: list[MinCutResult] = []
+        results: list[MinCutResult | BudgetedChoice] = []
 
         def choose(graph: fx.Graph, info: internals.JointInfo) -> list[fx.Node]:
-            results.append(solve_min_cut(graph, info))
+            if uses_solver(self.options):
+                results.append(choose_saved(graph, info, num_fwd_outputs, self.options, self.graph_name))
+            else:
+                results.append(solve_min_cut(graph, info))
             return results[-1].saved
 
         try:
@@ -55,7 +60,7 @@ class RematPartitioner:
             )
             plan = self._plan(fw, bw, num_fwd_outputs, results[-1] if results else None)
         except Exception as error:
-            if self.options.on_plan_failure == "raise":
+            if self.options.on_plan_failure == "raise" or isinstance(error, InfeasibleBudget):
                 raise
             reason = f"{type(error).__name__}: {error}"
             warnings.warn(
@@ -90,13 +95,17 @@ class RematPartitioner:
         fw: fx.GraphModule,
         bw: fx.GraphModule,
         num_fwd_outputs: int,
-        cut: MinCutResult | None,
+        cut: MinCutResult | BudgetedChoice | None,
         fallback_reason: str | None = None,
     ) -> Plan:
+        budgeted = cut if isinstance(cut, BudgetedChoice) else None
         if fallback_reason is not None:
             keep_reasons, default = {}, "chosen by PyTorch's default partitioner (fallback)"
         elif cut is None:
             keep_reasons, default = {}, "no forward value feeds the backward: nothing to decide"
+        elif budgeted is not None:
+            keep_reasons = budgeted.reasons
+            default = "needed by the backward and not recomputable from the other kept values"
         else:
             keep_reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
             default = "min-cut: part of the cheapest set of values to keep"
@@ -105,7 +114,7 @@ class RematPartitioner:
         plan = Plan(
             graph=self.graph_name,
             inner_compiler=self.options.inner_compiler,
-            partitioner="pytorch-default" if fallback_reason else "remat-min-cut",
+            partitioner=_partitioner_name(fallback_reason, budgeted),
             decisions=decisions_from_graphs(fw, bw, num_fwd_outputs, keep_reasons, default),
             saved_bytes=saved.hint,
             options=self.options.to_dict(),
@@ -115,6 +124,9 @@ class RematPartitioner:
             symbols=internals.symbol_sources(fw.graph),
             estimated_time_s=time_s,
             time_estimator=estimator,
+            budget_bytes=budgeted.budget_bytes if budgeted else None,
+            segments=budgeted.groups if budgeted else [],
+            solve_seconds=budgeted.solve_seconds if budgeted else None,
         )
         log.info("%s", plan.summary())
         return plan
@@ -135,3 +147,9 @@ class RematPartitioner:
             log.debug("remat cost model failure", exc_info=True)
             return None, None, None
         return memory, time_s, estimator
+
+
+def _partitioner_name(fallback_reason: str | None, budgeted: BudgetedChoice | None) -> str:
+    if fallback_reason:
+        return "pytorch-default"
+    return "remat-budget" if budgeted is not None else "remat-min-cut"

@@ -66,7 +66,7 @@ class Plan:
 
     graph: str
     inner_compiler: str
-    partitioner: Literal["remat-min-cut", "pytorch-default"]
+    partitioner: Literal["remat-min-cut", "remat-budget", "pytorch-default"]
     decisions: list[Decision]
     saved_bytes: int
     options: dict[str, Any]
@@ -76,6 +76,9 @@ class Plan:
     symbols: dict[str, str] = dataclasses.field(default_factory=dict)
     estimated_time_s: float | None = None
     time_estimator: str | None = None
+    budget_bytes: int | None = None
+    segments: list[str] = dataclasses.field(default_factory=list)
+    solve_seconds: float | None = None
 
     def evaluate(self, expr: str, sizes: Mapping[str, int]) -> int:
         """A byte expression of this plan (``saved_bytes_expr``, a decision's
@@ -123,6 +126,10 @@ class Plan:
             )
         if self.estimated_time_s is not None:
             head += f"\n  estimated step time {self.estimated_time_s * 1e3:.2f} ms ({self.time_estimator})"
+        if self.budget_bytes is not None:
+            head += f"\n  memory budget {_human_bytes(self.budget_bytes)} (parameters and inputs included)"
+        if self.segments:
+            head += f"\n  segments: {'; '.join(self.segments)}"
         if self.fallback_reason:
             head += f"\n  fell back to PyTorch's partitioner: {self.fallback_reason}"
         rows = [f"  {'action':<10}{'tensor':<24}{'op':<28}{'shape':<22}{'bytes':>12}  why"]

@@ -8,11 +8,12 @@ import remat
 
 
 def assert_planned_by_remat(model: nn.Module, label: str = "") -> list[remat.Plan]:
-    """A plan exists and came from remat's min-cut: the step really ran through remat,
-    not through a silent Dynamo fallback to eager or PyTorch's partitioner."""
+    """A plan exists and came from remat (its min-cut or its budgeted solver): the step
+    really ran through remat, not through a silent Dynamo fallback to eager or
+    PyTorch's partitioner."""
     plans = remat.plans(model)
     assert plans, f"{label}: no remat plan was made (did Dynamo fall back to eager?)"
     for plan in plans:
-        assert plan.partitioner == "remat-min-cut", f"{label}: {plan.graph} fell back: {plan.fallback_reason}"
+        assert plan.partitioner in ("remat-min-cut", "remat-budget"), f"{label}: {plan.graph} fell back: {plan.fallback_reason}"
         assert plan.fallback_reason is None
     return plans

@@ -25,6 +25,8 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from remat.options import POLICIES
+
 MAX_WIDTH = 32
 MAX_BATCH = 8
 MAX_LAYERS = 6
@@ -183,14 +185,26 @@ def model_specs(draw: st.DrawFn, dtypes: tuple[str, ...] = DTYPES) -> ModelSpec:
     )
 
 
-def remat_options(inner_compilers: tuple[str, ...] = ("eager", "eager", "eager", "inductor")) -> st.SearchStrategy[dict[str, Any]]:
-    """Valid options for the remat backend. By default mostly the (fast) eager inner compiler."""
-    return st.fixed_dictionaries(
-        {
-            "inner_compiler": st.sampled_from(inner_compilers),
-            "on_plan_failure": st.sampled_from(["raise", "warn"]),
-        }
-    )
+@st.composite
+def remat_options(
+    draw: st.DrawFn, inner_compilers: tuple[str, ...] = ("eager", "eager", "eager", "inductor")
+) -> dict[str, Any]:
+    """Valid options for the remat backend. By default mostly the (fast) eager inner
+    compiler; half the time a memory budget (a fraction, so it scales with the model;
+    infeasible ones use the closest plan) and/or a checkpoint policy."""
+    options: dict[str, Any] = {
+        "inner_compiler": draw(st.sampled_from(inner_compilers)),
+        "on_plan_failure": draw(st.sampled_from(["raise", "warn"])),
+    }
+    if draw(st.booleans()):
+        options["memory_budget"] = draw(st.floats(0.05, 1.0))
+        options["on_infeasible"] = "closest"
+    policy = draw(st.sampled_from([None, None, *POLICIES]))
+    if policy is not None:
+        options["policy"] = policy
+        if policy == "every_n":
+            options["every_n"] = draw(st.integers(1, 4))
+    return options
 
 
 # --- the builder -----------------------------------------------------------------

@@ -402,3 +402,14 @@ def profile_for_device(device: torch.device | str, *, refresh: bool = False) -> 
     except Exception as e:  # an exotic device must not break planning
         log.warning("remat: calibrating %s failed (%s); using the A100 figures instead", device, e)
         return A100
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Bytes still free on ``device``: what the driver reports free on CUDA (PyTorch's
+    cached blocks count as used), the kernel's ``MemAvailable`` on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+    return int(fields["MemAvailable"].split()[0]) * 1024

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import size_hint, storage_key
+from remat._torch_internals import is_primal, size_hint, storage_key
 from remat.cost_models.sizes import tensors_in
 from remat.cost_models.workspace import workspace_bytes
+from remat.passes.schedule import StepOrder
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,84 @@ def simulate_step(
     for node, position in where.items():
         if scratch := workspace_bytes(node):
             intervals.append(Interval(f"workspace of {node.name}", scratch, position, position))
+    return MemoryTimeline(positions, _sum_intervals(intervals, len(positions)), intervals, sum(resident.values()))
+
+
+def simulate_order(order: StepOrder) -> MemoryTimeline:
+    """The memory timeline of the partition described by ``order`` (see
+    ``passes.schedule``), straight from the joint graph: the same accounting as
+    ``simulate_step`` on the extracted graphs, without extracting them."""
+    steps = [("forward", n) for n in order.forward] + [("backward", n) for n in order.backward]
+    positions = [f"{phase}:{node.name}" for phase, node in steps]
+    last = len(steps) - 1
+    backward_start = len(order.forward)
+    fw_at = {node: i for i, node in enumerate(order.forward)}
+    bw_at = {node: backward_start + i for i, node in enumerate(order.backward)}
+    saved = set(order.saved)
+
+    # The last position reading each value: forward reads of forward values; backward
+    # reads of the backward's own values, or of the saved values and inputs it receives.
+    fw_last: dict[fx.Node, int] = {}
+    bw_last: dict[fx.Node, int] = {}
+    handed: dict[fx.Node, int] = {}
+    for node, at in fw_at.items():
+        for arg in node.all_input_nodes:
+            fw_last[arg] = max(fw_last.get(arg, at), at)
+    for node, at in bw_at.items():
+        for arg in node.all_input_nodes:
+            target = bw_last if arg in bw_at else handed
+            target[arg] = max(target.get(arg, at), at)
+
+    resident: dict[int, int] = {}
+    inputs: list[fx.Node] = []
+    for node in order.forward[0].graph.find_nodes(op="placeholder") if order.forward else []:
+        if is_primal(node):
+            for tensor in tensors_in(node.meta.get("val")):
+                resident[storage_key(tensor)] = _storage_bytes(tensor)
+        else:
+            inputs.append(node)  # tangents: handed to the backward by autograd
+
+    storages: dict[tuple[int, int], _Storage] = {}
+    handed_over: set[int] = set()
+
+    def live(node: fx.Node, phase: int, born: int, dies: int) -> None:
+        for tensor in tensors_in(node.meta.get("val")):
+            ref = storage_key(tensor)
+            if ref in resident:
+                continue
+            key = (0, ref) if phase == 0 or ref in handed_over else (1, ref)
+            storage = storages.get(key)
+            if storage is None:
+                storages[key] = _Storage(node.name, _storage_bytes(tensor), born, dies)
+            else:
+                storage.start = min(storage.start, born)
+                storage.end = max(storage.end, dies)
+
+    for node in (*saved, *inputs):
+        handed_over.update(storage_key(t) for t in tensors_in(node.meta.get("val")))
+    for node, at in fw_at.items():
+        dies = fw_last.get(node, at)
+        if node in saved:
+            dies = max(dies, handed.get(node, backward_start))
+        live(node, 0, at, dies)
+    for node in saved:
+        if node.op == "placeholder" and node in handed:
+            live(node, 0, backward_start, handed[node])
+    for node in inputs:
+        if node in handed:
+            live(node, 0, backward_start, handed[node])
+    for node, at in bw_at.items():
+        live(node, 1, at, bw_last.get(node, at))
+    for node in order.user_outputs:
+        live(node, 0, fw_at.get(node, 0), last)
+    for node in order.gradients:
+        if node in bw_at:
+            live(node, 1, bw_at[node], last)
+
+    intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
+    for node, at in itertools.chain(fw_at.items(), bw_at.items()):
+        if scratch := workspace_bytes(node):
+            intervals.append(Interval(f"workspace of {node.name}", scratch, at, at))
     return MemoryTimeline(positions, _sum_intervals(intervals, len(positions)), intervals, sum(resident.values()))
 
 

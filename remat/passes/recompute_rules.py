@@ -3,11 +3,13 @@
 A rewrite that cannot be proven safe is not made: random ops (their replay would draw
 new numbers), ops with side effects, collectives and ops outside aten/prims (whose
 effects remat cannot see) are never recomputed. Compute-heavy ops (matmul,
-convolution, attention) are kept rather than recomputed: recomputing them costs more
-time than the memory is worth without a budget asking for it.
+convolution, attention) are kept rather than recomputed unless a memory budget asks
+for it: recomputing them costs the most time per byte saved.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -59,6 +61,18 @@ def ban_reason(node: fx.Node) -> str | None:
         return "random op (a replay would draw different numbers)"
     if target._schema.is_mutable or node.is_impure():
         return "mutates its inputs or has side effects"
-    if target.overloadpacket in HEAVY_OPS:
-        return "compute-heavy op (matmul, convolution or attention)"
     return None
+
+
+def is_heavy(node: fx.Node) -> bool:
+    """Matmul, convolution and attention (and the parts of their tuple outputs):
+    recomputing them costs the most time per byte."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket in HEAVY_OPS
+
+
+def heavy_reason(node: fx.Node) -> str | None:
+    """Why the budget-free min-cut keeps ``node`` rather than recompute it: it is heavy.
+    Unlike ``ban_reason`` this is a preference, which a memory budget may override."""
+    return "compute-heavy op (matmul, convolution or attention)" if is_heavy(node) else None

@@ -14,7 +14,7 @@ recomputed (see ``recompute_rules``) are tied to the source.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -24,7 +24,7 @@ import torch.fx as fx
 from remat._torch_internals import JointInfo, checkpoint_policy, is_primal
 from remat.cost_models.flops import recompute_cost
 from remat.cost_models.sizes import node_tensor, tensor_size
-from remat.passes.recompute_rules import ban_reason, is_view
+from remat.passes.recompute_rules import ban_reason, heavy_reason, is_view
 
 SOURCE, SINK = "__source__", "__sink__"
 
@@ -64,14 +64,31 @@ def solve_min_cut(
 ) -> MinCutResult:
     """Return the values the backward keeps; see the module docstring for the model."""
     nodes = [n for n in graph.nodes if n.op != "output"]
-    banned = {n.name: r for n in nodes if n in info.required_fw and (r := ban_reason(n))}
-    costs = {n: cost(n) for n in nodes if n in info.required_fw and n.name not in banned}
+    banned = {n.name: r for n in nodes if n in info.required_fw and (r := ban_reason(n) or heavy_reason(n))}
+    saved, cut_bytes = cheapest_saved(nodes, info, banned=set(banned), cost=cost)
+    return MinCutResult(saved=saved, banned=banned, cut_bytes=cut_bytes)
+
+
+def cheapest_saved(
+    region: Sequence[fx.Node],
+    info: JointInfo,
+    *,
+    banned: set[str],
+    no_keep: frozenset[fx.Node] = frozenset(),
+    cost: Callable[[fx.Node], int] = recompute_cost,
+) -> tuple[list[fx.Node], int]:
+    """The cheapest values of ``region`` to keep, and their bytes. Nodes named in
+    ``banned`` may not be recomputed; nodes in ``no_keep`` may not be kept. Values from
+    outside the region are available for free (the caller keeps them), and of the uses
+    outside it only the backward's count: a region can be solved on its own."""
+    members = set(region)
+    costs = {n: cost(n) for n in region if n in info.required_fw and n.name not in banned}
     scale = sum(costs.values()) + 1
 
     flow = nx.DiGraph()
     flow.add_node(SOURCE)
     flow.add_node(SINK)
-    for node in nodes:
+    for node in region:
         n_in, n_out = f"{node.name}_in", f"{node.name}_out"
         if node in info.required_bw:
             if node in info.tangents_closure:
@@ -85,15 +102,20 @@ def solve_min_cut(
             flow.add_edge(SOURCE, n_in)
         elif costs.get(node):
             flow.add_edge(SOURCE, n_in, capacity=costs[node])
-        keep = _keep_bytes(node)
+        keep = None if node in no_keep else _keep_bytes(node)
         if keep is None:
             flow.add_edge(n_in, n_out)  # no capacity: infinite
         else:
             flow.add_edge(n_in, n_out, capacity=keep * scale)
+        for arg in node.all_input_nodes:
+            if arg not in members:
+                flow.add_edge(SOURCE, f"{arg.name}_out")  # kept by the caller
         for user in node.users:
-            if user.op != "output":
+            if user in members:
                 flow.add_edge(n_out, f"{user.name}_in")
+            elif user.op != "output" and user not in info.required_fw:
+                flow.add_edge(n_out, SINK)  # read on the backward's side
 
     cut_value, (reachable, _) = nx.minimum_cut(flow, SOURCE, SINK)
-    saved = [n for n in nodes if f"{n.name}_in" in reachable and f"{n.name}_out" not in reachable]
-    return MinCutResult(saved=saved, banned=banned, cut_bytes=int(cut_value) // scale)
+    saved = [n for n in region if f"{n.name}_in" in reachable and f"{n.name}_out" not in reachable]
+    return saved, int(cut_value) // scale

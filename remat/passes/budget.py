@@ -1,0 +1,460 @@
+"""The budgeted solver: the least recomputation that keeps the simulated peak under a budget.
+
+The forward is a chain of segments (``segments``). A plan covers the chain with
+groups; each group is one segment kept in some mode, or a run of segments recomputed
+from the group's input:
+
+- ``save``: keep every value of the segment that the backward reads (no recompute);
+- ``mincut``: keep the fewest bytes, recomputing cheap ops but never matmul,
+  convolution or attention (a min-cut inside the segment);
+- ``heavy``: keep only matmul, convolution and attention outputs, recompute the rest;
+- ``recompute``: keep only the group's input (and what can never be recomputed:
+  random ops, ops with side effects, excluded modules); the backward recomputes the
+  group when it first needs it.
+
+The peak of a plan is modelled per segment from simulations of the whole step with
+every segment in one mode (``SegmentCosts``): what a segment keeps adds to the memory
+of everything after it in the forward and of its own part of the backward, on top of
+the segment's own working set there. A dynamic program over the chain, with the
+bytes kept so far as its state, finds the plan of least estimated recompute time
+whose modelled peak fits; the exact simulator (``memory.simulate_order``) then checks
+the plan and the budget given to the model is corrected until the simulated peak
+fits. ``solve_ilp`` solves the same model exactly with scipy's ``milp``, to check the
+dynamic program against.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch.fx as fx
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from remat._torch_internals import JointInfo, is_primal, storage_key
+from remat.cost_models.memory import MemoryTimeline, simulate_order
+from remat.cost_models.sizes import storage_size, tensors_in
+from remat.passes.recompute_rules import ban_reason, heavy_reason, is_heavy, is_view
+from remat.passes.remat import cheapest_saved
+from remat.passes.schedule import complete_saved_set, step_order
+from remat.passes.segments import Segment, find_segments, remap
+
+log = logging.getLogger("remat")
+
+KEEP_MODES = ("save", "mincut", "heavy")
+RECOMPUTE = "recompute"
+BUCKETS = 2048
+CORRECTIONS = 8
+BISECTIONS = 10
+
+
+@dataclass(frozen=True)
+class Group:
+    """Segments ``first..last`` (inclusive) in one ``mode``; keep modes cover one segment."""
+
+    first: int
+    last: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """A group in the peak model: the bytes it keeps for the backward (``kept``), its
+    own peak above the bytes kept before it, per segment, in the forward and in the
+    backward, and the estimated time it recomputes."""
+
+    group: Group
+    kept: float
+    peaks: tuple[float, ...]
+    seconds: float
+
+
+@dataclass
+class Solution:
+    """A plan: its groups, the saved values, the simulated timeline and estimated time."""
+
+    groups: list[Group]
+    saved: list[fx.Node]
+    timeline: MemoryTimeline
+    seconds: float
+
+    @property
+    def peak(self) -> int:
+        return self.timeline.peak_bytes + self.timeline.resident_bytes
+
+
+class InfeasibleBudget(ValueError):
+    """No plan brings the simulated peak under the budget."""
+
+    def __init__(self, budget: int, lowest: Solution) -> None:
+        self.budget = budget
+        self.lowest = lowest
+        super().__init__(
+            f"memory_budget {_mib(budget)} cannot be met: the lowest simulated peak remat can reach for "
+            f"this graph is {_mib(lowest.peak)} (of which {_mib(lowest.timeline.resident_bytes)} are "
+            "parameters and inputs). Raise the budget to at least that, or pass "
+            "on_infeasible='closest' to train with the lowest-memory plan"
+        )
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class BudgetProblem:
+    """The segments of one joint graph, the saved values of each mode, and the costs
+    that the dynamic program and the ILP share."""
+
+    def __init__(
+        self,
+        graph: fx.Graph,
+        info: JointInfo,
+        num_fwd_outputs: int,
+        seconds: Callable[[fx.Node], float],
+        *,
+        modes: Sequence[str] = (*KEEP_MODES, RECOMPUTE),
+        never_recompute: Callable[[fx.Node], str | None] = lambda node: None,
+        group_starts: Sequence[int] | None = None,
+    ) -> None:
+        self.graph = graph
+        self.info = info
+        self.num_fwd_outputs = num_fwd_outputs
+        self.seconds = seconds
+        self.modes = tuple(modes)
+        self.segments = find_segments(graph, info)
+        self.segment_of = {node: s.index for s in self.segments for node in s.nodes}
+        forward = [n for n in graph.nodes if n in info.required_fw]
+        self.banned = {  # views are never kept, so never banned: they follow their base
+            n: reason for n in forward if (reason := ban_reason(n) or (not is_view(n) and never_recompute(n)))
+        }
+        self.group_starts = None if group_starts is None else sorted(set(group_starts) | {0})
+        resident = {
+            storage_key(t): storage_size(t).hint
+            for n in graph.find_nodes(op="placeholder")
+            if is_primal(n)
+            for t in tensors_in(n.meta.get("val"))
+        }
+        self._resident_keys = set(resident)
+        self.resident = sum(resident.values())
+        self._pieces: dict[tuple[int, str], list[fx.Node]] = {}
+        self._solve_pieces()
+        self.costs = self._calibrate()
+
+    # --- saved values -------------------------------------------------------
+
+    def _solve_pieces(self) -> None:
+        """Each segment's saved values in each keep mode; repeated segments once."""
+        solved: dict[tuple, Segment] = {}
+        banned_names = {n.name for n in self.banned}
+        for segment in self.segments:
+            first = solved.setdefault(segment.signature, segment)
+            for mode in {*self.modes, "save"} - {RECOMPUTE}:  # "save" measures fractions
+                if first is not segment:
+                    self._pieces[segment.index, mode] = remap(self._pieces[first.index, mode], first, segment)
+                    continue
+                region = list(segment.nodes)
+                if mode == "save":
+                    bans, no_keep = {n.name for n in region if not is_view(n)}, frozenset()
+                elif mode == "mincut":
+                    bans, no_keep = banned_names | {n.name for n in region if heavy_reason(n)}, frozenset()
+                else:  # heavy
+                    bans = banned_names | {n.name for n in region if is_heavy(n)}
+                    no_keep = frozenset(
+                        n for n in region if not is_heavy(n) and n not in self.banned and _source(n) not in self.banned
+                    )
+                saved, _ = cheapest_saved(region, self.info, banned=bans, no_keep=no_keep)
+                self._pieces[segment.index, mode] = saved
+
+    def group_saved(self, group: Group) -> list[fx.Node]:
+        """What a group keeps, besides what ``complete_saved_set`` adds."""
+        first = self.segments[group.first]
+        if group.mode != RECOMPUTE:
+            return [*first.inputs, *self._pieces[group.first, group.mode]]
+        inside = {n for s in self.segments[group.first : group.last + 1] for n in s.nodes}
+        inputs = dict.fromkeys(
+            n for s in self.segments[group.first : group.last + 1] for n in s.inputs if n not in inside
+        )
+        return list(inputs)
+
+    def saved_values(self, groups: Iterable[Group]) -> list[fx.Node]:
+        chosen = [n for g in groups for n in self.group_saved(g)]
+        return complete_saved_set(self.graph, chosen, self.num_fwd_outputs, set(self.banned))
+
+    def simulate(self, groups: Sequence[Group]) -> Solution:
+        saved = self.saved_values(groups)
+        order = step_order(self.graph, saved, self.num_fwd_outputs)
+        recomputed = set(order.forward) & set(order.backward)
+        seconds = sum(self.seconds(n) for n in recomputed)
+        return Solution(list(groups), saved, simulate_order(order), seconds)
+
+    # --- the peak model ------------------------------------------------------
+
+    def _bytes(self, nodes: Iterable[fx.Node]) -> float:
+        resident = self._resident_keys
+        seen: dict[int, int] = {}
+        for node in nodes:
+            for tensor in tensors_in(node.meta.get("val")):
+                key = storage_key(tensor)
+                if key not in resident:
+                    seen[key] = storage_size(tensor).hint
+        return float(sum(seen.values()))
+
+    def _calibrate(self) -> dict[Group, GroupCost]:
+        """Simulate the step with every segment in one mode, for each mode, and read
+        each segment's share of the peak off the timeline."""
+        count = len(self.segments)
+        kept: dict[tuple[int, str], float] = {}
+        forward_peak: dict[tuple[int, str], float] = {}
+        backward_peak: dict[tuple[int, str], float] = {}
+        recompute_seconds: dict[tuple[int, str], float] = {}
+        for mode in self.modes:
+            groups = [Group(i, i, mode) for i in range(count)]
+            solution = self.simulate(groups)
+            timeline = solution.timeline
+            order = step_order(self.graph, solution.saved, self.num_fwd_outputs)
+            for i, group in enumerate(groups):
+                kept[i, mode] = self._bytes(self.group_saved(group)) + self._bytes(
+                    n for n in self.segments[i].nodes if n in self.banned and n in set(solution.saved)
+                )
+            prefix = np.concatenate([[0.0], np.cumsum([kept[i, mode] for i in range(count)])])
+            fw_max = np.full(count, -np.inf)
+            bw_max = np.full(count, -np.inf)
+            for position, node in enumerate(order.forward):
+                if node in self.segment_of:
+                    k = self.segment_of[node]
+                    fw_max[k] = max(fw_max[k], timeline.live_bytes[position])
+            start = len(order.forward)
+            for offset, k in enumerate(self._backward_owners(order.backward)):
+                bw_max[k] = max(bw_max[k], timeline.live_bytes[start + offset])
+            recomputed = set(order.forward) & set(order.backward)
+            for k in range(count):
+                forward_peak[k, mode] = (fw_max[k] - prefix[k]) if np.isfinite(fw_max[k]) else 0.0
+                backward_peak[k, mode] = (bw_max[k] - prefix[k]) if np.isfinite(bw_max[k]) else 0.0
+                recompute_seconds[k, mode] = sum(
+                    self.seconds(n) for n in self.segments[k].nodes if n in recomputed
+                )
+        read_by_backward = {
+            k: self._bytes(
+                n for n in s.nodes if any(u not in self.info.required_fw for u in n.users)
+            )
+            for k, s in enumerate(self.segments)
+        }
+        costs: dict[Group, GroupCost] = {}
+        for group in self.candidate_groups():
+            if group.mode != RECOMPUTE:
+                k, mode = group.first, group.mode
+                costs[group] = GroupCost(
+                    group, kept[k, mode], (max(forward_peak[k, mode], backward_peak[k, mode]),), recompute_seconds[k, mode]
+                )
+                continue
+            members = range(group.first, group.last + 1)
+            banned_bytes = sum(
+                self._bytes(n for n in self.segments[k].nodes if n in self.banned) for k in members
+            )
+            group_kept = self._bytes(self.group_saved(group)) + banned_bytes
+            peaks = []
+            before = 0.0  # kept by the group's earlier segments in the forward
+            waiting = 0.0  # recomputed values of earlier segments waiting for their backward
+            for k in members:
+                forward = before + forward_peak[k, RECOMPUTE]
+                backward = group_kept + waiting + backward_peak[k, RECOMPUTE] - kept[k, RECOMPUTE]
+                peaks.append(max(forward, backward))
+                before += kept[k, RECOMPUTE]
+                waiting += read_by_backward[k]
+            seconds = sum(recompute_seconds[k, RECOMPUTE] for k in members)
+            costs[group] = GroupCost(group, group_kept, tuple(peaks), seconds)
+        return costs
+
+    def _backward_owners(self, backward: Sequence[fx.Node]) -> list[int]:
+        """The segment whose backward each backward step belongs to: a gradient op
+        belongs to the earliest segment it reads from; a recomputation, to the
+        gradient op that runs next."""
+        last = len(self.segments) - 1
+        owner: dict[fx.Node, int] = {}
+        for node in self.graph.nodes:
+            if node in self.info.tangents_closure:
+                reads = [self.segment_of[a] for a in node.all_input_nodes if a in self.segment_of]
+                if not reads:
+                    reads = [owner[a] for a in node.all_input_nodes if a in owner]
+                owner[node] = min(reads, default=last)
+        result = [0] * len(backward)
+        following = last
+        for index in range(len(backward) - 1, -1, -1):
+            node = backward[index]
+            if node in owner:
+                following = owner[node]
+            result[index] = following
+        return result
+
+    def candidate_groups(self) -> list[Group]:
+        count = len(self.segments)
+        groups = [Group(i, i, m) for i in range(count) for m in self.modes if m != RECOMPUTE]
+        if RECOMPUTE not in self.modes:
+            return groups
+        if self.group_starts is None:
+            return groups + [Group(i, j, RECOMPUTE) for i in range(count) for j in range(i, count)]
+        bounds = [*self.group_starts, count]
+        return groups + [Group(a, b - 1, RECOMPUTE) for a, b in zip(bounds, bounds[1:]) if a < b]
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """The op behind a getitem (a part of its tuple output), else the node itself."""
+    return node.args[0] if node.target is operator.getitem and isinstance(node.args[0], fx.Node) else node
+
+
+def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
+    """Least total recompute time whose modelled peak (above resident bytes) fits
+    ``budget``: a dynamic program over the chain. Its state is the bytes kept so far,
+    in ``BUCKETS`` buckets; each bucket holds the fastest partial plan that reaches it
+    and that plan's exact bytes, so every check is exact. None if nothing fits."""
+    count = len(problem.segments)
+    if budget <= 0:
+        return None
+    unit = budget / BUCKETS
+    seconds = [np.full(BUCKETS + 1, np.inf) for _ in range(count + 1)]
+    kept = [np.zeros(BUCKETS + 1) for _ in range(count + 1)]
+    came_from: list[dict[int, tuple[Group, int]]] = [{} for _ in range(count + 1)]
+    seconds[0][0] = 0.0
+    by_start: dict[int, list[GroupCost]] = {}
+    for cost in problem.costs.values():
+        by_start.setdefault(cost.group.first, []).append(cost)
+    for i in range(count):
+        sources = np.nonzero(np.isfinite(seconds[i]))[0]
+        for cost in by_start.get(i, ()):
+            before = kept[i][sources]
+            fits = before + max(cost.peaks) <= budget
+            if not fits.any():
+                continue
+            start = sources[fits]
+            after = before[fits] + cost.kept
+            targets = np.minimum(np.floor(after / unit).astype(int), BUCKETS)
+            totals = seconds[i][start] + cost.seconds
+            end = cost.group.last + 1
+            for source, target, total, nbytes in zip(start, targets, totals, after):
+                current = seconds[end][target]
+                if total < current or (total == current and nbytes < kept[end][target]):
+                    seconds[end][target] = total
+                    kept[end][target] = nbytes
+                    came_from[end][int(target)] = (cost.group, int(source))
+    final = seconds[count]
+    if not np.isfinite(final).any():
+        return None
+    at, position, groups = int(np.argmin(final)), count, []
+    while position > 0:
+        group, at = came_from[position][at]
+        groups.append(group)
+        position = group.first
+    return groups[::-1]
+
+
+def solve_ilp(problem: BudgetProblem, budget: float) -> list[Group] | None:
+    """The same model as ``solve_dp``, solved exactly with scipy's ``milp``."""
+    costs = list(problem.costs.values())
+    count = len(problem.segments)
+    cover = np.zeros((count, len(costs)))
+    memory = np.zeros((count, len(costs)))
+    for j, cost in enumerate(costs):
+        group = cost.group
+        for k in range(group.first, group.last + 1):
+            cover[k, j] = 1
+            memory[k, j] += cost.peaks[k - group.first]
+        memory[group.last + 1 :, j] += cost.kept
+    result = milp(
+        c=np.array([c.seconds for c in costs]),
+        constraints=[LinearConstraint(cover, 1, 1), LinearConstraint(memory, -np.inf, budget)],
+        integrality=np.ones(len(costs)),
+        bounds=Bounds(0, 1),
+    )
+    if result.x is None:
+        return None
+    chosen = [c.group for c, x in zip(costs, result.x) if x > 0.5]
+    return sorted(chosen, key=lambda g: g.first)
+
+
+def model_seconds(problem: BudgetProblem, groups: Sequence[Group]) -> float:
+    return sum(problem.costs[g].seconds for g in groups)
+
+
+@dataclass
+class BudgetResult:
+    solution: Solution
+    solve_seconds: float
+    feasible: bool
+
+
+def solve_budget(problem: BudgetProblem, budget: int) -> BudgetResult:
+    """The fastest plan whose simulated peak fits ``budget`` (whole step, resident
+    bytes included). The model's budget is corrected by the simulated error until
+    the plan fits; raises ``InfeasibleBudget`` with the lowest plan if none does."""
+    started = time.perf_counter()
+    resident = problem.resident
+    best: Solution | None = None
+    lowest: Solution | None = None
+    target = float(budget)
+    tried: set[tuple[Group, ...]] = set()
+    for _ in range(CORRECTIONS):
+        groups = solve_dp(problem, target - resident)
+        if groups is None:
+            break
+        key = tuple(groups)
+        if key in tried:
+            break
+        tried.add(key)
+        solution = problem.simulate(groups)
+        if lowest is None or solution.peak < lowest.peak:
+            lowest = solution
+        if solution.peak <= budget:
+            if best is None or solution.seconds < best.seconds:
+                best = solution
+            target += (budget - solution.peak) / 2  # the model was pessimistic: try for faster
+        else:
+            target -= solution.peak - budget
+    low, high = 0.0, float(budget) - resident
+    for _ in range(BISECTIONS if best is None else 0):  # the corrections failed: search
+        middle = (low + high) / 2
+        groups = solve_dp(problem, middle)
+        if groups is None:
+            low = middle
+            continue
+        solution = problem.simulate(groups)
+        if solution.peak <= budget:
+            best, low = solution, middle
+        else:
+            high = middle
+    if best is not None:
+        return BudgetResult(best, time.perf_counter() - started, True)
+    floor = lowest_plan(problem)
+    if lowest is None or floor.peak < lowest.peak:
+        lowest = floor
+    if lowest.peak <= budget:
+        return BudgetResult(lowest, time.perf_counter() - started, True)
+    raise InfeasibleBudget(budget, lowest)
+
+
+def lowest_plan(problem: BudgetProblem) -> Solution:
+    """The plan of least modelled peak (ties: least time), by bisection on the
+    model's budget; simulated."""
+    resident = problem.resident
+    uniform = RECOMPUTE if RECOMPUTE in problem.modes else problem.modes[-1]
+    everything = problem.simulate([Group(i, i, uniform) for i in range(len(problem.segments))])
+    high = float(everything.peak - resident) * 4 + 1
+    low = 0.0
+    found = solve_dp(problem, high)
+    if found is None:
+        return everything
+    for _ in range(20):
+        middle = (low + high) / 2
+        groups = solve_dp(problem, middle)
+        if groups is None:
+            low = middle
+        else:
+            high, found = middle, groups
+    solution = problem.simulate(found)
+    return solution if solution.peak <= everything.peak else everything
+
+

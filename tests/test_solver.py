@@ -1,0 +1,214 @@
+"""The budgeted solver: its schedule model, its dynamic program against an exact ILP,
+budgets honored and monotone in simulation, policies, exclude, infeasible budgets."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+import remat
+import remat.partition as partition
+from benchmarks.measure import WithLoss
+from remat.cost_models.memory import simulate_order, simulate_step
+from remat.cost_models.runtime import make_estimator
+from remat.options import RematOptions, parse_budget
+from remat.passes.budget import BudgetProblem, Group, lowest_plan, model_seconds, solve_dp, solve_ilp
+from remat.passes.schedule import complete_saved_set, step_order
+from remat.passes.segments import find_segments
+from remat.solver import RematBudgetWarning, module_path
+from tests.zoo import make_gpt, make_resnet, make_unet
+
+
+def small_gpt(dropout: float = 0.0) -> Any:
+    return make_gpt(n_layers=4, d_model=64, n_heads=4, seq_len=64, vocab=128, batch=2, dropout=dropout)
+
+
+CASES = {
+    "gpt": small_gpt,
+    "gpt-dropout": lambda: small_gpt(dropout=0.1),
+    "unet": make_unet,
+    "resnet": make_resnet,
+}
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The joint graph, its node info, the min-cut's saved values and the graphs
+    PyTorch extracted, from a default remat.plan."""
+    found: dict[str, Any] = {}
+    min_cut, predict = partition.solve_min_cut, partition.predict_memory
+
+    def spy_cut(graph: Any, info: Any, *args: Any) -> Any:
+        result = min_cut(graph, info, *args)
+        found.update(graph=graph, info=info, saved=result.saved)
+        return result
+
+    def spy_predict(fw: Any, bw: Any, n: int) -> Any:
+        found.update(fw=fw, bw=bw, n=n)
+        return predict(fw, bw, n)
+
+    monkeypatch.setattr(partition, "solve_min_cut", spy_cut)
+    monkeypatch.setattr(partition, "predict_memory", spy_predict)
+    return found
+
+
+def plan_case(name: str, captured: dict[str, Any]) -> dict[str, Any]:
+    case = CASES[name]()
+    remat.plan(WithLoss(case.model, case.loss_fn), *case.inputs, on_plan_failure="raise")
+    return captured
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_schedule_model_equals_the_extracted_graphs(name: str, captured: dict[str, Any]) -> None:
+    """The solver's own order of the step gives the very timeline of the graphs that
+    PyTorch's partitioner extracts for the same saved values."""
+    found = plan_case(name, captured)
+    real = simulate_step(found["fw"].graph, found["bw"].graph, num_user_outputs=found["n"])
+    saved = complete_saved_set(found["graph"], found["saved"], found["n"], set())
+    modelled = simulate_order(step_order(found["graph"], saved, found["n"]))
+    assert modelled.positions == real.positions
+    assert modelled.live_bytes == real.live_bytes
+    assert modelled.resident_bytes == real.resident_bytes
+
+
+def test_repeated_layers_share_a_signature(captured: dict[str, Any]) -> None:
+    found = plan_case("gpt", captured)
+    segments = find_segments(found["graph"], found["info"])
+    signatures = [s.signature for s in segments]
+    assert len(segments) >= 8  # at least two per transformer block
+    repeated = {sig for sig in signatures if signatures.count(sig) >= 3}
+    assert repeated, "the 4 identical blocks should give segments with equal signatures"
+
+
+def problem_for(name: str, captured: dict[str, Any]) -> BudgetProblem:
+    found = plan_case(name, captured)
+    return BudgetProblem(found["graph"], found["info"], found["n"], make_estimator("roofline", "cpu"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gpt",
+        "unet",
+        pytest.param(
+            "gpt-dropout",
+            marks=pytest.mark.xfail(
+                strict=True, reason="open gap: one budget point is 3.3% slower than the ILP (one state per bucket)"
+            ),
+        ),
+    ],
+)
+def test_dynamic_program_within_3_percent_of_the_ilp(name: str, captured: dict[str, Any]) -> None:
+    problem = problem_for(name, captured)
+    low = lowest_plan(problem).peak - problem.resident
+    top = problem.simulate([Group(i, i, "save") for i in range(len(problem.segments))]).peak - problem.resident
+    checked = 0
+    for fraction in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0):
+        budget = low + fraction * (top - low)
+        exact = solve_ilp(problem, budget)
+        dp = solve_dp(problem, budget)
+        assert (exact is None) == (dp is None), f"budget {budget}: ILP {exact}, DP {dp}"
+        if exact is not None:
+            assert model_seconds(problem, dp) <= 1.03 * model_seconds(problem, exact) + 1e-12
+            checked += 1
+    assert checked >= 5
+
+
+def plan_peak(plan: remat.Plan) -> int:
+    return plan.memory.peak_bytes + plan.memory.resident_bytes
+
+
+def test_budgets_are_honored_and_monotone_in_simulation() -> None:
+    case = small_gpt()
+    model = WithLoss(case.model, case.loss_fn)
+    peaks, times = [], []
+    for fraction in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4):
+        plan = remat.plan(model, *case.inputs, memory_budget=fraction, on_plan_failure="raise")
+        assert plan.partitioner == "remat-budget"
+        assert plan_peak(plan) <= plan.budget_bytes, plan.summary()
+        peaks.append(plan_peak(plan))
+        times.append(plan.estimated_time_s)
+    assert peaks == sorted(peaks, reverse=True), peaks
+    assert times == sorted(times), times
+
+
+def test_infeasible_budget_says_the_lowest_peak_or_uses_it() -> None:
+    case = small_gpt()
+    model = WithLoss(case.model, case.loss_fn)
+    with pytest.raises(Exception, match=r"memory_budget 1\.0 MiB cannot be met: the lowest simulated peak .* is [0-9.]+ MiB"):
+        remat.plan(model, *case.inputs, memory_budget="1MiB", on_plan_failure="raise")
+    with pytest.warns(RematBudgetWarning, match="on_infeasible='closest'"):
+        plan = remat.plan(model, *case.inputs, memory_budget="1MiB", on_infeasible="closest")
+    lowest = remat.plan(model, *case.inputs, policy="full")
+    assert plan_peak(plan) <= plan_peak(lowest)
+
+
+def test_policies_order_memory() -> None:
+    case = small_gpt()
+    model = WithLoss(case.model, case.loss_fn)
+    peak = {p: plan_peak(remat.plan(model, *case.inputs, policy=p, on_plan_failure="raise")) for p in ("none", "heavy_ops", "full")}
+    assert peak["full"] < peak["heavy_ops"] < peak["none"]
+    every = remat.plan(model, *case.inputs, policy="every_n", every_n=3, on_plan_failure="raise")
+    assert every.segments[0] == "segments 0-2: recompute"
+
+
+def test_exclude_keeps_a_module_and_warns_about_unmatched_patterns() -> None:
+    case = small_gpt()
+    model = WithLoss(case.model, case.loss_fn)
+    with pytest.warns(RematBudgetWarning, match="'no_such_module' matches no module"):
+        plan = remat.plan(model, *case.inputs, policy="full", exclude=["lm_head", "no_such_module"])
+    lm_head = [d for d in plan.kept if "excluded module 'model.lm_head'" in d.reason]
+    assert lm_head, plan.summary()
+    assert not any(d.op == "aten.mm.default" and d.tensor == lm_head[0].tensor for d in plan.recomputed)
+
+
+def test_module_paths() -> None:
+    assert module_path("L['self'].blocks[0].attn") == "blocks.0.attn"
+    assert module_path("L['model'].model.lm_head") == "model.lm_head"
+    assert module_path("L['self']") == ""
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("6GB", ("bytes", 6e9)), ("512MiB", ("bytes", 512 * 2**20)), (0.5, ("fraction", 0.5)), (6e9, ("bytes", 6e9)), ("auto", ("auto", 0.0))],
+)
+def test_budget_parsing(value: object, expected: tuple[str, float]) -> None:
+    assert parse_budget(value) == expected
+
+
+@pytest.mark.parametrize("value", ["6 parsecs", -1, 0, True, "GB", float("nan"), [1]])
+def test_bad_budget_names_the_option_and_the_forms(value: object) -> None:
+    with pytest.raises(ValueError, match=r"'memory_budget' must be a number of bytes .* or 'auto'; got"):
+        RematOptions.from_mapping({"memory_budget": value})
+
+
+def test_policy_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"'policy' must be one of"):
+        RematOptions.from_mapping({"policy": "some"})
+    with pytest.raises(ValueError, match=r"'every_n' .* only applies to policy='every_n'"):
+        RematOptions.from_mapping({"every_n": 3})
+    with pytest.raises(ValueError, match=r"'every_n' must be an integer >= 1"):
+        RematOptions.from_mapping({"policy": "every_n", "every_n": 0})
+    with pytest.raises(ValueError, match=r"'exclude' must be a module name pattern"):
+        RematOptions.from_mapping({"exclude": [3]})
+    with pytest.raises(ValueError, match=r"'on_infeasible' must be one of"):
+        RematOptions.from_mapping({"on_infeasible": "ignore"})
+
+
+def test_training_under_a_budget_matches_eager() -> None:
+    case = small_gpt()
+    reference = WithLoss(case.model, case.loss_fn)
+    compiled_model = WithLoss(copy.deepcopy(case.model), case.loss_fn)
+    compiled = torch.compile(compiled_model, backend="remat", options={"inner_compiler": "eager", "memory_budget": 0.5, "on_plan_failure": "raise"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RematBudgetWarning)
+        compiled(*case.inputs).backward()
+    reference(*case.inputs).backward()
+    for (name, a), (_, b) in zip(reference.named_parameters(), compiled_model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+    (plan,) = remat.plans(compiled_model)
+    assert plan.partitioner == "remat-budget" and plan.recomputed
