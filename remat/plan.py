@@ -14,12 +14,11 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import sympy
-import torch
 import torch.fx as fx
 
 from remat.cost_models.memory import simulate_step
 from remat.cost_models.runtime import graph_time, make_estimator
-from remat.cost_models.sizes import Size, node_tensor, tensor_size, unique_storage_size
+from remat.cost_models.sizes import Size, graph_device, node_tensor, tensor_size, unique_storage_size
 from remat.passes.recompute_rules import is_view
 
 Action = Literal["keep", "recompute"]
@@ -155,19 +154,11 @@ def predict_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd
 
 def estimate_time(fw_module: fx.GraphModule, bw_module: fx.GraphModule, estimator_name: str) -> tuple[float, str]:
     """Seconds for a step of the two graphs run op by op, and how that was estimated."""
-    estimator = make_estimator(estimator_name, _graph_device(fw_module))
+    estimator = make_estimator(estimator_name, graph_device(fw_module.graph))
     label = f"{estimator_name}, op by op"
     if estimator_name == "roofline":
         label += f", {estimator.profile.name} profile"  # type: ignore[attr-defined]
     return graph_time(fw_module, estimator) + graph_time(bw_module, estimator), label
-
-
-def _graph_device(fw_module: fx.GraphModule) -> torch.device:
-    for node in fw_module.graph.nodes:
-        value = node_tensor(node)
-        if value is not None:
-            return value.device
-    return torch.device("cpu")
 
 
 def _human_bytes(n: int) -> str:

@@ -10,7 +10,6 @@ are never recomputed, and says what it decided.
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 import re
 import warnings
@@ -23,12 +22,10 @@ import torch.fx as fx
 from remat._torch_internals import JointInfo
 from remat.cost_models.devices import available_memory
 from remat.cost_models.runtime import make_estimator
-from remat.cost_models.sizes import node_tensor
+from remat.cost_models.sizes import graph_device
 from remat.options import RematOptions, parse_budget
 from remat.passes.budget import KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, solve_budget
 from remat.passes.segments import find_segments
-
-log = logging.getLogger("remat")
 
 AUTO_MARGIN = 0.9
 UNBOUNDED = 1e30
@@ -112,12 +109,14 @@ def choose_saved(
     graph: fx.Graph, info: JointInfo, num_fwd_outputs: int, options: RematOptions, graph_name: str
 ) -> BudgetedChoice:
     """The values to keep for ``graph`` under the budget and policy of ``options``."""
-    device = _graph_device(graph)
+    device = graph_device(graph)
     estimator = make_estimator(options.time_estimator, device)
     never, matched = excluded_by(options.exclude)
-    modes, starts = _policy_groups(options, len(find_segments(graph, info)))
+    segments = find_segments(graph, info)
+    modes, starts = _policy_groups(options, len(segments))
     problem = BudgetProblem(
-        graph, info, num_fwd_outputs, estimator, modes=modes, never_recompute=never, group_starts=starts
+        graph, info, num_fwd_outputs, estimator,
+        modes=modes, never_recompute=never, group_starts=starts, segments=segments,
     )
     for pattern in options.exclude:
         if pattern not in matched:
@@ -156,9 +155,3 @@ def _group_label(group: Group) -> str:
     return f"{span}: {group.mode}"
 
 
-def _graph_device(graph: fx.Graph) -> torch.device:
-    for node in graph.nodes:
-        value = node_tensor(node)
-        if value is not None:
-            return value.device
-    return torch.device("cpu")

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import is_primal, size_hint, storage_key
-from remat.cost_models.sizes import tensors_in
+from remat.cost_models.sizes import leaves, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 from remat.passes.schedule import StepOrder
 
@@ -237,7 +237,7 @@ def _keep_forward_outputs_to_end(
     backward's outputs, the gradients, already live to the end: the output node is
     their last use.)"""
     (output_node,) = forward.find_nodes(op="output")
-    outputs = _output_nodes(output_node.args[0] if output_node.args else ())
+    outputs = [v for v in leaves(output_node.args[0] if output_node.args else ()) if isinstance(v, fx.Node)]
     if num_user_outputs is not None:
         user = outputs[:num_user_outputs]
     else:
@@ -250,15 +250,6 @@ def _keep_forward_outputs_to_end(
         for tensor in tensors_in(value.meta.get("val")):
             if (0, key := storage_key(tensor)) in storages:
                 storages[0, key].end = last
-
-
-def _output_nodes(value: object) -> list[fx.Node]:
-    """The nodes a graph returns, in order (the output may be one node or nested lists)."""
-    if isinstance(value, fx.Node):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [node for item in value for node in _output_nodes(item)]
-    return []
 
 
 def _storage_bytes(tensor: torch.Tensor) -> int:

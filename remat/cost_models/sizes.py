@@ -52,13 +52,25 @@ def node_tensor(node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def leaves(value: object) -> list[object]:
+    """The items of a (nested) tuple or list, in order; a single value for anything else."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in leaves(item)]
+    return [value]
+
+
 def tensors_in(value: object) -> list[torch.Tensor]:
     """The tensors in a node's value: itself, or those in its (nested) tuple or list."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in tensors_in(item)]
-    return []
+    return [t for t in leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def graph_device(graph: fx.Graph) -> torch.device:
+    """Where a graph's tensors live (the first tensor's device; the CPU if none)."""
+    for node in graph.nodes:
+        value = node_tensor(node)
+        if value is not None:
+            return value.device
+    return torch.device("cpu")
 
 
 def unique_storage_size(nodes: Sequence[fx.Node], exclude: Sequence[fx.Node] = ()) -> Size:

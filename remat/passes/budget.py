@@ -13,7 +13,7 @@ from the group's input:
   group when it first needs it.
 
 The peak of a plan is modelled per segment from simulations of the whole step with
-every segment in one mode (``SegmentCosts``): what a segment keeps adds to the memory
+every segment in one mode (``GroupCost``): what a segment keeps adds to the memory
 of everything after it in the forward and of its own part of the backward, on top of
 the segment's own working set there. A dynamic program over the chain, with the
 bytes kept so far as its state, finds the plan of least estimated recompute time
@@ -25,8 +25,6 @@ dynamic program against.
 
 from __future__ import annotations
 
-import logging
-import math
 import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,10 +39,8 @@ from remat.cost_models.memory import MemoryTimeline, simulate_order
 from remat.cost_models.sizes import storage_size, tensors_in
 from remat.passes.recompute_rules import ban_reason, heavy_reason, is_heavy, is_view
 from remat.passes.remat import cheapest_saved
-from remat.passes.schedule import complete_saved_set, step_order
+from remat.passes.schedule import StepOrder, complete_saved_set, recomputed_nodes, step_order
 from remat.passes.segments import Segment, find_segments, remap
-
-log = logging.getLogger("remat")
 
 KEEP_MODES = ("save", "mincut", "heavy")
 RECOMPUTE = "recompute"
@@ -80,6 +76,7 @@ class Solution:
 
     groups: list[Group]
     saved: list[fx.Node]
+    order: StepOrder
     timeline: MemoryTimeline
     seconds: float
 
@@ -120,13 +117,14 @@ class BudgetProblem:
         modes: Sequence[str] = (*KEEP_MODES, RECOMPUTE),
         never_recompute: Callable[[fx.Node], str | None] = lambda node: None,
         group_starts: Sequence[int] | None = None,
+        segments: list[Segment] | None = None,
     ) -> None:
         self.graph = graph
         self.info = info
         self.num_fwd_outputs = num_fwd_outputs
         self.seconds = seconds
         self.modes = tuple(modes)
-        self.segments = find_segments(graph, info)
+        self.segments = find_segments(graph, info) if segments is None else segments
         self.segment_of = {node: s.index for s in self.segments for node in s.nodes}
         forward = [n for n in graph.nodes if n in info.required_fw]
         self.banned = {  # views are never kept, so never banned: they follow their base
@@ -188,9 +186,8 @@ class BudgetProblem:
     def simulate(self, groups: Sequence[Group]) -> Solution:
         saved = self.saved_values(groups)
         order = step_order(self.graph, saved, self.num_fwd_outputs)
-        recomputed = set(order.forward) & set(order.backward)
-        seconds = sum(self.seconds(n) for n in recomputed)
-        return Solution(list(groups), saved, simulate_order(order), seconds)
+        seconds = sum(self.seconds(n) for n in recomputed_nodes(order))
+        return Solution(list(groups), saved, order, simulate_order(order), seconds)
 
     # --- the peak model ------------------------------------------------------
 
@@ -215,11 +212,11 @@ class BudgetProblem:
         for mode in self.modes:
             groups = [Group(i, i, mode) for i in range(count)]
             solution = self.simulate(groups)
-            timeline = solution.timeline
-            order = step_order(self.graph, solution.saved, self.num_fwd_outputs)
+            timeline, order = solution.timeline, solution.order
+            saved = set(solution.saved)
             for i, group in enumerate(groups):
                 kept[i, mode] = self._bytes(self.group_saved(group)) + self._bytes(
-                    n for n in self.segments[i].nodes if n in self.banned and n in set(solution.saved)
+                    n for n in self.segments[i].nodes if n in self.banned and n in saved
                 )
             prefix = np.concatenate([[0.0], np.cumsum([kept[i, mode] for i in range(count)])])
             fw_max = np.full(count, -np.inf)
@@ -231,7 +228,7 @@ class BudgetProblem:
             start = len(order.forward)
             for offset, k in enumerate(self._backward_owners(order.backward)):
                 bw_max[k] = max(bw_max[k], timeline.live_bytes[start + offset])
-            recomputed = set(order.forward) & set(order.backward)
+            recomputed = recomputed_nodes(order)
             for k in range(count):
                 forward_peak[k, mode] = (fw_max[k] - prefix[k]) if np.isfinite(fw_max[k]) else 0.0
                 backward_peak[k, mode] = (bw_max[k] - prefix[k]) if np.isfinite(bw_max[k]) else 0.0
@@ -384,7 +381,6 @@ def model_seconds(problem: BudgetProblem, groups: Sequence[Group]) -> float:
 class BudgetResult:
     solution: Solution
     solve_seconds: float
-    feasible: bool
 
 
 def solve_budget(problem: BudgetProblem, budget: int) -> BudgetResult:
@@ -427,12 +423,12 @@ def solve_budget(problem: BudgetProblem, budget: int) -> BudgetResult:
         else:
             high = middle
     if best is not None:
-        return BudgetResult(best, time.perf_counter() - started, True)
+        return BudgetResult(best, time.perf_counter() - started)
     floor = lowest_plan(problem)
     if lowest is None or floor.peak < lowest.peak:
         lowest = floor
     if lowest.peak <= budget:
-        return BudgetResult(lowest, time.perf_counter() - started, True)
+        return BudgetResult(lowest, time.perf_counter() - started)
     raise InfeasibleBudget(budget, lowest)
 
 

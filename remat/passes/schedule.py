@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import is_primal, is_tangent
+from remat.cost_models.sizes import leaves
 
 
 @dataclass(frozen=True)
@@ -42,21 +43,18 @@ class StepOrder:
     gradients: list[fx.Node]
 
 
+def recomputed_nodes(order: StepOrder) -> set[fx.Node]:
+    """Forward nodes that the backward runs again."""
+    return set(order.forward) & set(order.backward)
+
+
 def graph_outputs(joint: fx.Graph, num_fwd_outputs: int) -> tuple[list[fx.Node], list[fx.Node]]:
     """The joint graph's forward outputs and its backward outputs (the gradients)."""
     (output,) = joint.find_nodes(op="output")
-    values = list(_flatten(output.args))
+    values = leaves(output.args)
     forward = [v for v in values[:num_fwd_outputs] if isinstance(v, fx.Node)]
     backward = [v for v in values[num_fwd_outputs:] if isinstance(v, fx.Node)]
     return forward, backward
-
-
-def _flatten(value: object) -> Iterable[object]:
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _flatten(item)
-    else:
-        yield value
 
 
 def _ancestors(targets: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
