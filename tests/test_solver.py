@@ -13,6 +13,8 @@ import torch
 import remat
 import remat.partition as partition
 from benchmarks.measure import WithLoss
+from remat.cost_models import runtime
+from remat.cost_models.devices import DeviceProfile
 from remat.cost_models.memory import simulate_order, simulate_step
 from remat.cost_models.runtime import make_estimator
 from remat.options import RematOptions, parse_budget
@@ -21,6 +23,28 @@ from remat.passes.schedule import complete_saved_set, step_order
 from remat.passes.segments import find_segments
 from remat.solver import RematBudgetWarning, module_path
 from tests.zoo import make_gpt, make_resnet, make_unet
+
+
+# Estimated times come from the CPU's calibration, which is measured anew on each
+# machine (and by test_runtime): the plans a budget gets would then differ from run to
+# run. These tests pin one profile (this machine's two-thread calibration, rounded).
+FIXED_CPU = DeviceProfile(
+    name="cpu",
+    matmul_flops={"float32": 1.4e11, "float64": 5.6e10, "bfloat16": 2.7e9, "float16": 3.2e9},
+    vector_flops=2.8e10,
+    memory_bandwidth=2.5e10,
+    op_overhead_s=6.8e-6,
+    view_overhead_s=6.8e-6,
+    conv_efficiency=0.83,
+    first_touch_bandwidth=2.8e9,
+    first_touch_threshold=32 * 2**20,
+    source="fixed for tests",
+)
+
+
+@pytest.fixture(autouse=True)
+def fixed_cpu_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "profile_for_device", lambda device, **kwargs: FIXED_CPU)
 
 
 def small_gpt(dropout: float = 0.0) -> Any:
