@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test test-slow demo bench predict clean
+.PHONY: test test-slow demo bench predict budget-sweep solver-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ predict: $(STAMP)
 # writes benchmarks/results/bench.md and bench.json.
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench
+
+# remat's memory_budget against activation_memory_budget, measured on the GPT-style
+# model and the U-Net (about 17 minutes each); writes benchmarks/results/budget_sweep_*.md.
+budget-sweep: $(STAMP)
+	$(PY) -m benchmarks.budget_sweep --model gpt
+	$(PY) -m benchmarks.budget_sweep --model unet
+
+# The solver in simulation: budgets, policies and solve times (benchmarks/results/solver_sweep.md).
+solver-sweep: $(STAMP)
+	$(PY) -m benchmarks.solver_sweep
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -289,6 +289,15 @@ class Job:
         return cls(**data)
 
 
+def resident_bytes(spec: ModelSpec) -> int:
+    """Parameters, buffers and inputs: memory that exists before a step, which remat's
+    ``memory_budget`` counts and the measured peak (above the memory in use before the
+    step) does not."""
+    case = spec.build(torch.device("cpu"))
+    tensors = [*case.model.parameters(), *case.model.buffers(), *case.inputs]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 class MeasurementError(RuntimeError):
     """A worker process failed; the message carries the end of its stderr."""
 
@@ -475,7 +484,10 @@ def _plans(model: torch.nn.Module) -> list[dict[str, Any]]:
             "fallback_reason": plan.fallback_reason,
             "predicted_peak_bytes": plan.memory.peak_bytes if plan.memory else None,
             "predicted_resident_bytes": plan.memory.resident_bytes if plan.memory else None,
+            "budget_bytes": plan.budget_bytes,
             "predicted_peak_at": plan.memory.peak_at if plan.memory else None,
+            "predicted_fused_peak_bytes": plan.fused_memory.peak_bytes if plan.fused_memory else None,
+            "predicted_fused_peak_at": plan.fused_memory.peak_at if plan.fused_memory else None,
         }
         for plan in remat.plans(model)
     ]

@@ -6,6 +6,8 @@
    and the GPT-style model at two sizes, one fresh process compiles the step with
    ``backend="remat"`` and the eager inner compiler, measures the peak of one step
    (DESIGN.md "Measuring") and reports the peak its Plan predicted for that same graph.
+   Then the same with Inductor, remat's default inner compiler: measured against the
+   Plan's fusion-aware prediction (``Plan.fused_memory``) and its op-by-op one.
 2. Time: on the GPT-style model, strategies that run op by op are timed (fresh
    processes, strategies in turn, medians) and their steps are predicted from the ops they run, traced
    with fake tensors, by the roofline estimator on this CPU's calibrated profile; the
@@ -51,15 +53,20 @@ PEAK_MODELS: dict[str, ModelSpec] = {
 }
 
 
+def _only_plan(label: str, result: dict[str, Any]) -> dict[str, Any]:
+    plans = result["plans"]
+    if len(plans) != 1:
+        raise RuntimeError(f"{label}: expected one graph, got {len(plans)} plans: {plans}")
+    return plans[0]
+
+
 def peak_accuracy(threads: int) -> list[dict[str, Any]]:
     """Measured against predicted peak of the same remat plan, one fresh process each."""
     rows = []
     for label, spec in PEAK_MODELS.items():
         print(f"peak: {label} ...", flush=True)
         result = run_worker(Job(spec, "remat-eager", "peak", threads=threads, warmup=2))
-        plans = result["plans"]
-        if len(plans) != 1:
-            raise RuntimeError(f"{label}: expected one graph, got {len(plans)} plans: {plans}")
+        plans = [_only_plan(label, result)]
         predicted = plans[0]["predicted_peak_bytes"]
         rows.append(
             {
@@ -84,6 +91,46 @@ def _peak_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['measured_peak_bytes'] / MIB:.1f} | {r['predicted_peak_bytes'] / MIB:.1f} "
             f"| {r['ratio']:.3f} | `{r['predicted_peak_at']}` |"
+        )
+    return "\n".join(lines)
+
+
+def inductor_peak_accuracy(threads: int) -> list[dict[str, Any]]:
+    """The remat plan compiled by Inductor (strategy "remat"): its measured peak against
+    the Plan's fusion-aware prediction and its op-by-op one, one fresh process each."""
+    rows = []
+    for label, spec in PEAK_MODELS.items():
+        print(f"peak under Inductor: {label} ...", flush=True)
+        result = run_worker(Job(spec, "remat", "peak", threads=threads, warmup=2))
+        plan = _only_plan(label, result)
+        measured = result["peak_bytes"]
+        rows.append(
+            {
+                "model": label,
+                "spec": spec.kwargs,
+                "measured_peak_bytes": measured,
+                "predicted_fused_peak_bytes": plan["predicted_fused_peak_bytes"],
+                "predicted_op_by_op_peak_bytes": plan["predicted_peak_bytes"],
+                "fused_ratio": plan["predicted_fused_peak_bytes"] / measured,
+                "op_by_op_ratio": plan["predicted_peak_bytes"] / measured,
+                "predicted_fused_peak_at": plan["predicted_fused_peak_at"],
+                "partitioner": plan["partitioner"],
+            }
+        )
+    return rows
+
+
+def _inductor_peak_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | measured peak MiB | predicted, fused MiB | fused / measured | predicted, op by op MiB "
+        "| op by op / measured | fused peak at |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['measured_peak_bytes'] / MIB:.1f} | {r['predicted_fused_peak_bytes'] / MIB:.1f} "
+            f"| {r['fused_ratio']:.3f} | {r['predicted_op_by_op_peak_bytes'] / MIB:.1f} | {r['op_by_op_ratio']:.3f} "
+            f"| `{r['predicted_fused_peak_at']}` |"
         )
     return "\n".join(lines)
 
@@ -200,13 +247,22 @@ def simulation_speed() -> dict[str, Any]:
     return {"layers": LAYERS_FOR_10K_NODES, "nodes": len(graph.nodes), "best_of_3_wall_s": min(wall), "best_of_3_cpu_s": min(cpu)}
 
 
+SECTIONS = ("peak", "inductor-peak", "time", "speed")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process (their median is its time)")
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per strategy, run in turn (median)")
-    parser.add_argument("--json", type=Path, default=RESULTS / "predict.json", help="where to write the raw numbers")
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+        help="what to run (default: all); with fewer, the report goes to predict-<sections>.md/.json",
+    )
+    parser.add_argument("--json", type=Path, help="where to write the raw numbers (default: beside the report)")
     args = parser.parse_args(argv)
+    sections = [s for s in SECTIONS if s in args.sections]
+    stem = "predict" if sections == list(SECTIONS) else "predict-" + "-".join(sections)
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
 
@@ -222,47 +278,69 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print("\n".join(header), flush=True)
 
-    peaks = peak_accuracy(args.threads)
-    times = time_ranking(args.threads, args.steps, args.rounds)
-    speed = simulation_speed()
-    measured_order, predicted_order = _order(times, "measured_step_s"), _order(times, "predicted_step_s")
-    worst = max(abs(r["ratio"] - 1) for r in peaks)
-    report = [
-        *header,
-        "",
-        "## Peak memory of one training step (remat plan, eager inner compiler)",
-        "",
-        "Measured: VmHWM - VmRSS across one step after two warm-up steps, in a fresh process with "
-        "MALLOC_MMAP_THRESHOLD_=131072. Predicted: `Plan.memory.peak_bytes` of the same graph, made "
-        "in the same process. Both exclude parameters and inputs, which exist before the step.",
-        "",
-        _peak_table(peaks),
-        "",
-        f"largest error: {worst:.1%}",
-        "",
-        "## Step time: predicted order against measured order (GPT, demo size, no optimizer)",
-        "",
-        f"Measured: the median over {args.rounds} fresh processes per strategy, run in turn, of each "
-        f"process's median of {args.steps} steps. Predicted: the roofline estimator on this CPU's "
-        "calibrated profile, summed over the ops each strategy runs.",
-        "",
-        _time_table(times),
-        "",
-        f"measured order (fastest first): {', '.join(measured_order)}; predicted: {', '.join(predicted_order)}; "
-        + ("same order" if measured_order == predicted_order else "ORDER DIFFERS"),
-        "",
-        "## Simulator speed",
-        "",
-        f"joint graph of a {speed['layers']}-layer GPT (forward and backward traced with fake tensors): "
-        f"{speed['nodes']} nodes, simulated in {speed['best_of_3_wall_s']:.3f} s wall, "
-        f"{speed['best_of_3_cpu_s']:.3f} s CPU (best of 3)",
-        "",
-        f"took {time.perf_counter() - started:.0f} s",
-    ]
+    raw: dict[str, Any] = {"machine": info, "command": command}
+    report = [*header]
+    if "peak" in sections:
+        raw["peaks"] = peaks = peak_accuracy(args.threads)
+        report += [
+            "",
+            "## Peak memory of one training step (remat plan, eager inner compiler)",
+            "",
+            "Measured: VmHWM - VmRSS across one step after two warm-up steps, in a fresh process with "
+            "MALLOC_MMAP_THRESHOLD_=131072. Predicted: `Plan.memory.peak_bytes` of the same graph, made "
+            "in the same process. Both exclude parameters and inputs, which exist before the step.",
+            "",
+            _peak_table(peaks),
+            "",
+            f"largest error: {max(abs(r['ratio'] - 1) for r in peaks):.1%}",
+        ]
+    if "inductor-peak" in sections:
+        raw["inductor_peaks"] = fused = inductor_peak_accuracy(args.threads)
+        report += [
+            "",
+            "## Peak memory of one training step (remat plan, Inductor inner compiler)",
+            "",
+            "Measured as above, with remat's default inner compiler, Inductor. Predicted, fused: "
+            "`Plan.fused_memory.peak_bytes`, the simulator's fusion-aware mode "
+            "(`simulate_step(..., fused=True)`, rules in `remat/cost_models/fusion.py`); op by op: "
+            "`Plan.memory.peak_bytes`, the same graphs as if run eagerly.",
+            "",
+            _inductor_peak_table(fused),
+            "",
+            f"largest error, fused: {max(abs(r['fused_ratio'] - 1) for r in fused):.1%}; "
+            f"op by op: {max(abs(r['op_by_op_ratio'] - 1) for r in fused):.1%}",
+        ]
+    if "time" in sections:
+        raw["times"] = times = time_ranking(args.threads, args.steps, args.rounds)
+        measured_order, predicted_order = _order(times, "measured_step_s"), _order(times, "predicted_step_s")
+        report += [
+            "",
+            "## Step time: predicted order against measured order (GPT, demo size, no optimizer)",
+            "",
+            f"Measured: the median over {args.rounds} fresh processes per strategy, run in turn, of each "
+            f"process's median of {args.steps} steps. Predicted: the roofline estimator on this CPU's "
+            "calibrated profile, summed over the ops each strategy runs.",
+            "",
+            _time_table(times),
+            "",
+            f"measured order (fastest first): {', '.join(measured_order)}; predicted: {', '.join(predicted_order)}; "
+            + ("same order" if measured_order == predicted_order else "ORDER DIFFERS"),
+        ]
+    if "speed" in sections:
+        raw["simulation"] = speed = simulation_speed()
+        report += [
+            "",
+            "## Simulator speed",
+            "",
+            f"joint graph of a {speed['layers']}-layer GPT (forward and backward traced with fake tensors): "
+            f"{speed['nodes']} nodes, simulated in {speed['best_of_3_wall_s']:.3f} s wall, "
+            f"{speed['best_of_3_cpu_s']:.3f} s CPU (best of 3)",
+        ]
+    report += ["", f"took {time.perf_counter() - started:.0f} s"]
     text = "\n".join(report)
     print("\n" + "\n".join(report[len(header):]))
-    (RESULTS / "predict.md").write_text(text + "\n")
-    args.json.write_text(json.dumps({"machine": info, "command": command, "peaks": peaks, "times": times, "simulation": speed}, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(text + "\n")
+    (args.json or RESULTS / f"{stem}.json").write_text(json.dumps(raw, indent=2) + "\n")
 
 
 if __name__ == "__main__":

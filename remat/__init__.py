@@ -6,6 +6,9 @@
     ...
     print(remat.explain(model))   # what was kept, what is recomputed, and why
     remat.plan(model, x)          # the same Plan, with the predicted peak, without a step
+
+    h = remat.tag(h, "attn_out")  # in model code: name a value, then keep only named values
+    torch.compile(model, backend="remat", options={"save_only": ["attn_out"]})
 """
 
 from remat.backend import compile, remat_backend
@@ -15,6 +18,7 @@ from remat.plan import Decision, MemoryPrediction, Plan
 from remat.planning import plan
 from remat.registry import explain, plans
 from remat.solver import RematBudgetWarning
+from remat.tags import tag
 
 __version__ = "0.1.0"
 
@@ -30,5 +34,6 @@ __all__ = [
     "plan",
     "plans",
     "remat_backend",
+    "tag",
     "__version__",
 ]

@@ -31,7 +31,7 @@ if _version < MIN_TORCH:  # pragma: no cover - guarded by pyproject's torch>=2.1
 from torch._functorch import partitioners as _partitioners  # noqa: E402
 from torch._functorch.aot_autograd import aot_module_simplified  # noqa: E402
 from torch._functorch._aot_autograd.utils import _is_primal, _is_tangent  # noqa: E402
-from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: E402
+from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn  # noqa: E402
 from torch._inductor.decomposition import select_decomp_table  # noqa: E402
 from torch.utils.checkpoint import CheckpointPolicy  # noqa: E402
 
@@ -135,6 +135,32 @@ def checkpoint_policy(node: fx.Node) -> str | None:
     return None
 
 
+# --- tags (remat.tag) -------------------------------------------------------------
+#
+# ``remat.tag(x, name)`` traces ``aten.alias(x)`` inside ``torch.fx.traceback.annotate``
+# (torch >= 2.10; not backward compatible, hence here). Dynamo runs the annotation while
+# it traces, so the alias node of its graph carries ``meta["custom"]``, which AOTAutograd
+# copies to the aten nodes it makes from that node: the tag reaches the joint graph on
+# an alias of the tagged value. The alias is a view: no copy at runtime, gradient
+# unchanged. PyTorch's partitioner then merges it (CSE) with the alias that autograd
+# saves of the same value, and Inductor's joint passes remove it (``remove_noop_ops``),
+# so ``remat.tags.mark_tagged_values`` moves each tag onto the value itself first: as the
+# first pass over the joint graph (``joint_pass`` of the two compile functions below).
+
+TAG_KEY = "remat_tag"
+
+
+def tag_scope(name: str) -> contextlib.AbstractContextManager[None]:
+    """Annotate every node traced inside with the tag ``name``."""
+    return torch.fx.traceback.annotate({TAG_KEY: name})
+
+
+def tag_name(node: fx.Node) -> str | None:
+    """The tag that ``tag_scope`` put on ``node``, if any."""
+    custom = node.meta.get("custom")
+    return custom.get(TAG_KEY) if isinstance(custom, dict) else None
+
+
 def is_builtin_op(target: object) -> bool:
     """True for aten/prims ops, whose semantics (and side effects) PyTorch defines."""
     return isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "prims")
@@ -189,6 +215,14 @@ def symbol_sources(graph: fx.Graph) -> dict[str, str]:
     return {}
 
 
+def inductor_fallback_random() -> bool:
+    """Inductor's ``config.fallback_random``: random ops called as in eager mode, rather
+    than generated inside the kernels that read them."""
+    from torch._inductor import config
+
+    return bool(config.fallback_random)
+
+
 def decomposition_table() -> dict[Any, Callable[..., Any]]:
     """Inductor's decompositions, used for both inner compilers so plans agree.
 
@@ -214,14 +248,26 @@ def _boxed_nop(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..
     return run
 
 
-def compile_eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn) -> Callable[..., Any]:
-    """Trace the joint graph with AOTAutograd, partition it, run both graphs eagerly."""
+JointPass = Callable[[fx.Graph], None]
+
+
+def compile_eager(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn, joint_pass: JointPass | None = None
+) -> Callable[..., Any]:
+    """Trace the joint graph with AOTAutograd, partition it, run both graphs eagerly.
+    ``joint_pass`` runs on the joint graph first, before PyTorch's partitioner."""
+
+    def partition(joint: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+        if joint_pass is not None:
+            joint_pass(joint.graph)
+        return partition_fn(joint, joint_inputs, **kwargs)
+
     return aot_module_simplified(
         gm,
         example_inputs,
         fw_compiler=_boxed_nop,
         bw_compiler=_boxed_nop,
-        partition_fn=partition_fn,
+        partition_fn=partition,
         decompositions=decomposition_table(),
     )
 
@@ -247,16 +293,49 @@ class _InductorPartitioner(CustomPartitionerFn):
         return (str, (self.uuid(),))
 
 
-def compile_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn) -> Callable[..., Any]:
-    """Compile with Inductor, with remat's partitioner in place of the default one."""
+class _JointPrePass(CustomGraphPass):
+    """Runs ``joint_pass`` as Inductor's first joint-graph pass, then the pre-pass the
+    user had configured (``torch._inductor.config.joint_custom_pre_pass``), if any."""
+
+    def __init__(self, joint_pass: JointPass, previous: Any) -> None:
+        self.joint_pass = joint_pass
+        if previous is None:
+            previous = ()
+        self.previous = tuple(previous) if isinstance(previous, (list, tuple)) else (previous,)
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.joint_pass(graph)
+        for chained in self.previous:
+            chained(graph)
+
+    def uuid(self) -> Any:
+        # remat's pass only annotates nodes; a chained pass keeps its own caching rules
+        # (a plain callable, or a uuid of None, turns Inductor's cache off as it would).
+        ids = []
+        for chained in self.previous:
+            found = chained.uuid() if isinstance(chained, CustomGraphPass) else None
+            if found is None:
+                return None
+            ids.append(found)
+        return ("remat-joint-pre-pass", *ids)
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (str, (repr(self.uuid()),))
+
+
+def compile_inductor(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn, joint_pass: JointPass | None = None
+) -> Callable[..., Any]:
+    """Compile with Inductor, with remat's partitioner in place of the default one.
+    ``joint_pass`` runs on the joint graph first, before Inductor's joint passes."""
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
+    patches: dict[str, Any] = {"custom_partitioner_fn": _InductorPartitioner(partition_fn)}
+    if joint_pass is not None:
+        patches["joint_custom_pre_pass"] = _JointPrePass(joint_pass, inductor_config.joint_custom_pre_pass)
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(
-            gm,
-            example_inputs,
-            config_patches={"custom_partitioner_fn": _InductorPartitioner(partition_fn)},
-        )
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def is_op_overload(target: object) -> bool:

@@ -24,7 +24,6 @@ POLICIES = ("full", "every_n", "sqrt_n", "heavy_ops", "none")
 NOT_IMPLEMENTED = {
     "offload": "offloading saved activations to host memory",
     "compress": "gradient compression",
-    "save_only": "keeping only the values tagged with remat.tag",
 }
 
 _UNITS = {
@@ -54,7 +53,8 @@ class RematOptions:
         plan, measured rather than modelled).
     memory_budget:
         The most memory a training step may use: parameters, inputs, gradients, saved
-        and transient activations, as the simulator predicts them. Bytes (``6e9``,
+        and transient activations, as the simulator predicts them for the inner compiler
+        (Inductor's fused kernels, or op by op). Bytes (``6e9``,
         ``"6GB"``, ``"512MiB"``), a fraction of the peak without rematerialization
         (``0.5``), or ``"auto"`` (what the device has free, less 10%). remat then
         recomputes the least work that brings the simulated peak under the budget.
@@ -75,6 +75,18 @@ class RematOptions:
     exclude:
         Module names (``fnmatch`` patterns on the qualified name, e.g. ``"lm_head"``,
         ``"blocks.0.*"``) whose values are never recomputed.
+    save_only:
+        Names given to values in the model with ``remat.tag(x, "name")`` (like JAX's
+        ``checkpoint_name`` and ``save_only_these_names``): the backward keeps only the
+        values tagged with one of these names (those it needs, directly or to
+        recompute something), plus what can never be recomputed (parameters and
+        inputs, random ops, ops with side effects, values of ``exclude``'d modules),
+        and recomputes everything else from them, matmuls included. A list of names or
+        one name; a name that tags no value of a graph warns. With a
+        ``memory_budget``, the plan's simulated peak is checked against the budget
+        (``on_infeasible`` says what happens when it does not fit: this is the only
+        plan the names allow). Cannot be combined with ``policy``: both say what to
+        keep.
     """
 
     inner_compiler: Literal["inductor", "eager"] = "inductor"
@@ -85,6 +97,7 @@ class RematOptions:
     policy: Literal["full", "every_n", "sqrt_n", "heavy_ops", "none"] | None = None
     every_n: int = 2
     exclude: tuple[str, ...] = ()
+    save_only: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> RematOptions:
@@ -133,11 +146,23 @@ class RematOptions:
                 f"got policy={values.get('policy')!r}"
             )
         values["exclude"] = _check_exclude(values.get("exclude", ()))
+        save_only = values.get("save_only")
+        values["save_only"] = () if save_only is None else _check_save_only(save_only)
+        if values["save_only"] and values.get("policy") is not None:
+            raise ValueError(
+                f"remat options 'save_only' (got {list(values['save_only'])!r}) and 'policy' (got "
+                f"{values['policy']!r}) cannot be combined: both say which values the backward keeps. "
+                "Pass one of them"
+            )
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["exclude"] = list(self.exclude)
+        if self.save_only:
+            values["save_only"] = list(self.save_only)
+        else:
+            del values["save_only"]  # off (an explicit empty list is refused)
         if self.policy != "every_n":
             del values["every_n"]  # only meaningful (and only accepted) with that policy
         return values
@@ -167,6 +192,17 @@ def _check_exclude(value: object) -> tuple[str, ...]:
             f"(e.g. ['embed', 'lm_head']); got {value!r}"
         )
     return tuple(patterns)
+
+
+def _check_save_only(value: object) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"remat option 'save_only' must be a non-empty list of names given with "
+            f"remat.tag(x, name) (e.g. ['attn_out', 'mlp_in']; to recompute "
+            f"the most, use policy='full'); got {value!r}"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

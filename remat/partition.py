@@ -20,7 +20,15 @@ from remat.options import RematOptions
 from remat.passes.budget import InfeasibleBudget
 from remat.passes.remat import MinCutResult, solve_min_cut
 from remat.solver import BudgetedChoice, choose_saved, uses_solver
-from remat.plan import MemoryPrediction, Plan, decisions_from_graphs, estimate_time, predict_memory, saved_activation_size
+from remat.plan import (
+    MemoryPrediction,
+    Plan,
+    decisions_from_graphs,
+    estimate_time,
+    predict_fused_memory,
+    predict_memory,
+    saved_activation_size,
+)
 
 log = logging.getLogger("remat")
 
@@ -110,7 +118,7 @@ class RematPartitioner:
             keep_reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
             default = "min-cut: part of the cheapest set of values to keep"
         saved = saved_activation_size(fw, num_fwd_outputs)
-        memory, time_s, estimator = self._estimates(fw, bw, num_fwd_outputs)
+        memory, fused_memory, time_s, estimator = self._estimates(fw, bw, num_fwd_outputs)
         plan = Plan(
             graph=self.graph_name,
             inner_compiler=self.options.inner_compiler,
@@ -127,17 +135,20 @@ class RematPartitioner:
             budget_bytes=budgeted.budget_bytes if budgeted else None,
             segments=budgeted.groups if budgeted else [],
             solve_seconds=budgeted.solve_seconds if budgeted else None,
+            fused_memory=fused_memory,
         )
         log.info("%s", plan.summary())
         return plan
 
     def _estimates(
         self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
-    ) -> tuple[MemoryPrediction | None, float | None, str | None]:
-        """Predicted memory and time. They describe the partition, they do not make it:
-        if the cost models fail, the Plan goes without them and the partition stands."""
+    ) -> tuple[MemoryPrediction | None, MemoryPrediction | None, float | None, str | None]:
+        """Predicted memory (op by op, and under Inductor's fusion) and time. They
+        describe the partition, they do not make it: if the cost models fail, the Plan
+        goes without them and the partition stands."""
         try:
             memory = predict_memory(fw, bw, num_fwd_outputs)
+            fused_memory = predict_fused_memory(fw, bw, num_fwd_outputs)
             time_s, estimator = estimate_time(fw, bw, self.options.time_estimator)
         except Exception as error:
             log.warning(
@@ -145,8 +156,8 @@ class RematPartitioner:
                 self.graph_name, type(error).__name__, error,
             )
             log.debug("remat cost model failure", exc_info=True)
-            return None, None, None
-        return memory, time_s, estimator
+            return None, None, None, None
+        return memory, fused_memory, time_s, estimator
 
 
 def _partitioner_name(fallback_reason: str | None, budgeted: BudgetedChoice | None) -> str:

@@ -61,7 +61,9 @@ class Plan:
     leaving out parameters and inputs (and views of them), which live anyway.
     ``memory`` and ``estimated_time_s`` predict a step run op by op (the eager inner
     compiler); under Inductor, fusion removes intermediates and kernels, so they
-    overestimate."""
+    overestimate. ``fused_memory`` predicts the memory of the same two graphs compiled
+    by Inductor, whose fused kernels store fewer intermediates
+    (``cost_models.fusion``), whichever inner compiler this plan was made for."""
 
     graph: str
     inner_compiler: str
@@ -78,6 +80,7 @@ class Plan:
     budget_bytes: int | None = None
     segments: list[str] = dataclasses.field(default_factory=list)
     solve_seconds: float | None = None
+    fused_memory: MemoryPrediction | None = None
 
     def evaluate(self, expr: str, sizes: Mapping[str, int]) -> int:
         """A byte expression of this plan (``saved_bytes_expr``, a decision's
@@ -107,8 +110,9 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
         data["decisions"] = [Decision(**d) for d in data["decisions"]]
-        if data.get("memory") is not None:
-            data["memory"] = MemoryPrediction(**data["memory"])
+        for key in ("memory", "fused_memory"):
+            if data.get(key) is not None:
+                data[key] = MemoryPrediction(**data[key])
         return cls(**data)
 
     def summary(self) -> str:
@@ -123,6 +127,8 @@ class Plan:
                 f"\n  predicted peak {_human_bytes(self.memory.peak_bytes)} above "
                 f"{_human_bytes(self.memory.resident_bytes)} of parameters and inputs, at {self.memory.peak_at}"
             )
+        if self.fused_memory is not None and self.inner_compiler == "inductor":
+            head += f" (op by op; {_human_bytes(self.fused_memory.peak_bytes)} with Inductor's fusion)"
         if self.estimated_time_s is not None:
             head += f"\n  estimated step time {self.estimated_time_s * 1e3:.2f} ms ({self.time_estimator})"
         if self.budget_bytes is not None:
@@ -140,9 +146,12 @@ class Plan:
     __str__ = summary
 
 
-def predict_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int) -> MemoryPrediction:
-    """Simulate a step of the two graphs; keep what a Plan reports."""
-    timeline = simulate_step(fw_module.graph, bw_module.graph, num_user_outputs=num_fwd_outputs)
+def predict_memory(
+    fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int, *, fused: bool = False
+) -> MemoryPrediction:
+    """Simulate a step of the two graphs (``fused``: as Inductor compiles them); keep
+    what a Plan reports."""
+    timeline = simulate_step(fw_module.graph, bw_module.graph, num_user_outputs=num_fwd_outputs, fused=fused)
     return MemoryPrediction(
         peak_bytes=timeline.peak_bytes,
         resident_bytes=timeline.resident_bytes,
@@ -150,6 +159,11 @@ def predict_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd
         positions=timeline.positions,
         live_bytes=timeline.live_bytes,
     )
+
+
+def predict_fused_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int) -> MemoryPrediction:
+    """``predict_memory`` of the two graphs compiled by Inductor."""
+    return predict_memory(fw_module, bw_module, num_fwd_outputs, fused=True)
 
 
 def estimate_time(fw_module: fx.GraphModule, bw_module: fx.GraphModule, estimator_name: str) -> tuple[float, str]:

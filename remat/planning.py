@@ -3,10 +3,11 @@
 Dynamo captures the model as ``torch.compile`` would (whole, ``fullgraph=True``: a
 plan is for one graph), AOTAutograd traces the joint graph and remat partitions it;
 then the compiled function stops instead of running, so no forward or backward is
-computed. The graphs are traced with Inductor's decompositions and partitioned as
-with the eager inner compiler (Inductor runs its own joint-graph passes before
-partitioning, which can change a few decisions), and the Plan says so; its
-``memory`` is the simulated timeline of a step run op by op.
+computed. The graphs are traced with Inductor's decompositions and partitioned for the
+inner compiler of the options (its memory model: Inductor's fusion, or op by op), but
+Inductor's own joint-graph passes are not run (they can change a few decisions); the
+Plan's ``memory`` is the simulated timeline of a step run op by op, ``fused_memory``
+that of the same graphs compiled by Inductor.
 
 Dynamo files compiled code under the code object of the function it starts from.
 Each plan starts from a function with a code object of its own, so its entries go
@@ -16,7 +17,6 @@ compiles later (``nn.Module`` calls share one code object in Dynamo).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import re
 import types
@@ -59,8 +59,8 @@ def plan(
     **options: Any,
 ) -> Plan:
     """The Plan ``torch.compile(model, backend="remat", options=options)`` would make
-    for ``model(*example_inputs)`` with the eager inner compiler: decisions, predicted
-    memory timeline and peak, estimated step time.
+    for ``model(*example_inputs)``: decisions, predicted memory timeline and peak,
+    estimated step time.
 
     ``dynamic=True`` keeps shapes symbolic: ``Plan.symbols`` names the input dimension
     behind each symbol and ``Plan.evaluate`` gives the bytes at other sizes. Raises
@@ -68,7 +68,7 @@ def plan(
     """
     if not callable(model):
         raise TypeError(f"remat.plan takes an nn.Module or a function; got {type(model).__name__}")
-    opts = dataclasses.replace(RematOptions.from_mapping(options), inner_compiler="eager")
+    opts = RematOptions.from_mapping(options)
     name = f"plan_{next(_plan_ids)}"
     made: list[Plan] = []
 

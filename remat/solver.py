@@ -1,10 +1,12 @@
-"""From the options to the values one joint graph keeps: budget, policy, excluded modules.
+"""From the options to the values one joint graph keeps: budget, policy, excluded
+modules, tagged values.
 
 The passes know nothing of options: ``passes.budget`` solves a chain of segments
 under a byte budget with a set of allowed groups. This module reads the options,
 resolves the budget to bytes ("6GB", a fraction of the peak without recomputation,
-"auto"), turns a policy into the groups it allows and ``exclude`` into values that
-are never recomputed, and says what it decided.
+"auto"), turns a policy into the groups it allows, ``exclude`` into values that
+are never recomputed and ``save_only`` into the only values that may be kept
+(``passes.remat.solve_keep_only``), and says what it decided.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +27,14 @@ from remat.cost_models.devices import available_memory
 from remat.cost_models.runtime import make_estimator
 from remat.cost_models.sizes import graph_device
 from remat.options import RematOptions, parse_budget
-from remat.passes.budget import KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, solve_budget
+from remat.passes.budget import (
+    KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, Solution, simulate_saved, solve_budget,
+)
+from remat.passes.remat import solve_keep_only
+from remat.passes.recompute_rules import source_op
+from remat.passes.schedule import complete_saved_set
 from remat.passes.segments import find_segments
+from remat.tags import tagged_values
 
 AUTO_MARGIN = 0.9
 UNBOUNDED = 1e30
@@ -47,8 +56,36 @@ class BudgetedChoice:
     solve_seconds: float
 
 
+class SaveOnlyOverBudget(InfeasibleBudget):
+    """The one plan that ``save_only`` allows does not fit the memory budget."""
+
+    def __init__(self, budget: int, plan: Solution, save_only: tuple[str, ...]) -> None:
+        super().__init__(budget, plan)
+        self.args = (
+            f"memory_budget {_mib(budget)} cannot be met with save_only={list(save_only)!r}: keeping only "
+            f"the values tagged with these names (and what can never be recomputed), the simulated peak "
+            f"is {_mib(plan.peak)} (of which {_mib(plan.timeline.resident_bytes)} are parameters and "
+            "inputs). Raise the budget, tag fewer or smaller values, or pass on_infeasible='closest' "
+            "to train with this plan anyway",
+        )
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def fused_model(options: RematOptions) -> bool:
+    """Plan memory as Inductor runs the graphs (fused) or as they run op by op."""
+    return options.inner_compiler == "inductor"
+
+
 def uses_solver(options: RematOptions) -> bool:
-    return options.memory_budget is not None or options.policy is not None or bool(options.exclude)
+    return (
+        options.memory_budget is not None
+        or options.policy is not None
+        or bool(options.exclude)
+        or bool(options.save_only)
+    )
 
 
 def module_path(entry: str) -> str:
@@ -109,6 +146,9 @@ def choose_saved(
     graph: fx.Graph, info: JointInfo, num_fwd_outputs: int, options: RematOptions, graph_name: str
 ) -> BudgetedChoice:
     """The values to keep for ``graph`` under the budget and policy of ``options``."""
+    if options.save_only:
+        return _choose_tagged(graph, info, num_fwd_outputs, options, graph_name)
+    started = time.perf_counter()
     device = graph_device(graph)
     estimator = make_estimator(options.time_estimator, device)
     never, matched = excluded_by(options.exclude)
@@ -116,23 +156,17 @@ def choose_saved(
     modes, starts = _policy_groups(options, len(segments))
     problem = BudgetProblem(
         graph, info, num_fwd_outputs, estimator,
-        modes=modes, never_recompute=never, group_starts=starts, segments=segments,
+        modes=modes, never_recompute=never, group_starts=starts, segments=segments, fused=fused_model(options),
     )
-    for pattern in options.exclude:
-        if pattern not in matched:
-            warnings.warn(
-                f"remat option exclude={list(options.exclude)!r}: pattern {pattern!r} matches no module "
-                f"of graph {graph_name}", RematBudgetWarning, stacklevel=2,
-            )
+    _warn_unmatched(options, matched, graph_name)
     budget = resolve_budget(options, problem, device)
     try:
-        result = solve_budget(problem, budget if budget is not None else int(UNBOUNDED))
-        solution = result.solution
+        solution = solve_budget(problem, budget if budget is not None else int(UNBOUNDED))
     except InfeasibleBudget as error:
         if options.on_infeasible == "raise":
             raise
         warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=2)
-        solution, result = error.lowest, None
+        solution = error.lowest
     reasons = {}
     for group in solution.groups:
         label = _group_label(group)
@@ -146,8 +180,71 @@ def choose_saved(
         budget_bytes=budget,
         predicted_peak_bytes=solution.peak,
         groups=[_group_label(g) for g in solution.groups],
-        solve_seconds=result.solve_seconds if result is not None else 0.0,
+        solve_seconds=time.perf_counter() - started,
     )
+
+
+def _choose_tagged(
+    graph: fx.Graph, info: JointInfo, num_fwd_outputs: int, options: RematOptions, graph_name: str
+) -> BudgetedChoice:
+    """``save_only``: keep only the values tagged with its names (and what can never be
+    recomputed); with a budget, check the plan's simulated peak against it."""
+    started = time.perf_counter()
+    device = graph_device(graph)
+    estimator = make_estimator(options.time_estimator, device)
+    never, matched = excluded_by(options.exclude)
+    names = set(options.save_only)
+    tagged = tagged_values(graph)
+    found = set().union(*tagged.values())
+    for name in options.save_only:
+        if name not in found:
+            warnings.warn(
+                f"remat option save_only={list(options.save_only)!r}: no value of graph {graph_name} is "
+                f"tagged {name!r} (name values with remat.tag(x, {name!r}))", RematBudgetWarning, stacklevel=3,
+            )
+    kept_tags = {
+        node: f"tagged {', '.join(map(repr, sorted(tags & names)))} (save_only)"
+        for node, tags in tagged.items()
+        if tags & names
+    }
+    cut = solve_keep_only(graph, info, lambda node: never(node) or kept_tags.get(node))
+    _warn_unmatched(options, matched, graph_name)
+    must_save = {n for n in graph.nodes if n.name in cut.banned}
+    saved = complete_saved_set(graph, cut.saved, num_fwd_outputs, must_save)
+    plan = simulate_saved(graph, saved, num_fwd_outputs, estimator, fused_model(options))
+    budget = None
+    if options.memory_budget is not None:
+        problem = BudgetProblem(
+            graph, info, num_fwd_outputs, estimator, modes=("save",), never_recompute=never, fused=fused_model(options)
+        )
+        budget = resolve_budget(options, problem, device)
+        if plan.peak > budget:
+            error = SaveOnlyOverBudget(budget, plan, options.save_only)
+            if options.on_infeasible == "raise":
+                raise error
+            warnings.warn(f"{error}. Using it (on_infeasible='closest').", RematBudgetWarning, stacklevel=3)
+    reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
+    for node in saved:  # the parts of a tuple-valued op that may not be recomputed
+        if (source := source_op(node)) is not node and source.name in reasons:
+            reasons.setdefault(node.name, reasons[source.name])
+    reasons.update({node.name: why for node, why in kept_tags.items()})
+    return BudgetedChoice(
+        saved=saved,
+        reasons=reasons,
+        budget_bytes=budget,
+        predicted_peak_bytes=plan.peak,
+        groups=[],
+        solve_seconds=time.perf_counter() - started,
+    )
+
+
+def _warn_unmatched(options: RematOptions, matched: set[str], graph_name: str) -> None:
+    for pattern in options.exclude:
+        if pattern not in matched:
+            warnings.warn(
+                f"remat option exclude={list(options.exclude)!r}: pattern {pattern!r} matches no module "
+                f"of graph {graph_name}", RematBudgetWarning, stacklevel=3,
+            )
 
 
 def _group_label(group: Group) -> str:

@@ -3,7 +3,9 @@
 AOTAutograd traces Dynamo's graph with fake tensors (``node.meta["val"]``), applies
 Inductor's decompositions (the same for both inner compilers, so a plan does not
 depend on how the graphs run), calls the partitioner on the joint graph, and compiles
-the resulting forward and backward graphs with the inner compiler.
+the resulting forward and backward graphs with the inner compiler. Before anything
+else touches the joint graph, the values named with ``remat.tag`` are marked
+(``tags.mark_tagged_values``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch.fx as fx
 
 from remat import _torch_internals as internals
+from remat.tags import mark_tagged_values
 
 INNER_COMPILERS: dict[str, Callable[..., Callable[..., Any]]] = {
     "inductor": internals.compile_inductor,
@@ -28,4 +31,4 @@ def compile_joint(
     inner_compiler: str,
 ) -> Callable[..., Any]:
     """Trace ``gm`` into a joint graph, partition it with ``partition_fn``, compile both halves."""
-    return INNER_COMPILERS[inner_compiler](gm, example_inputs, partition_fn)
+    return INNER_COMPILERS[inner_compiler](gm, example_inputs, partition_fn, joint_pass=mark_tagged_values)

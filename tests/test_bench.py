@@ -310,17 +310,43 @@ def test_worker_end_to_end_checkpoint_on_the_tiny_mlp() -> None:
 def test_demo_prints_the_shared_table(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     from benchmarks import demo
 
-    plan = {"graph": "graph_0", "partitioner": "remat-min-cut", "saved_bytes": 2**20, "kept": 3, "recomputed": 4,
+    plan = {"graph": "graph_0", "partitioner": "remat-budget", "saved_bytes": 2**20, "kept": 3, "recomputed": 4,
             "fallback_reason": None}
+    asked: dict[str, Any] = {}
 
-    def fake_measure(spec: ModelSpec, strategy: str, **settings: Any) -> dict[str, Any]:
+    def fake_measure(spec: ModelSpec, strategy: str, options: Any = None, **settings: Any) -> dict[str, Any]:
+        asked[strategy] = options
         extra = {"plans": [plan]} if strategy == "remat" else {"grad_max_abs_err": 0.0, "grad_max_rel_err": 0.0}
-        return _result(strategy, {"eager": 160.0}.get(strategy, 130.0), 0.8, parameters=7_420_000, **extra)
+        return _result(strategy, {"eager": 160.0}.get(strategy, 70.0), 0.8, parameters=7_420_000, **extra)
 
     monkeypatch.setattr(demo, "measure", fake_measure)
-    monkeypatch.setattr(demo, "run_worker", lambda job: {"peak_bytes": 130 * 2**20})
+    monkeypatch.setattr(demo, "resident_bytes", lambda spec: 30 * 2**20)
+    monkeypatch.setattr(demo, "run_worker", lambda job: {"peak_bytes": 70 * 2**20})
     demo.main([])
     out = capsys.readouterr().out
+    assert asked["remat"] == {"memory_budget": "110.0MiB"}  # 30 MiB resident + 0.5 x eager's 160 MiB
     assert "| eager | 160.0 | 0.800 | 1.00 | 1.00 | reference |" in out
-    assert "| torch.compile(backend='remat') (Inductor) | 130.0 | 0.800 | 0.81 | 1.00 |" in out
-    assert "remat plan graph_0 (remat-min-cut): 3 kept" in out
+    assert "| torch.compile(backend='remat') (Inductor) | 70.0 | 0.800 | 0.44 | 1.00 |" in out
+    assert "remat plan graph_0 (remat-budget): 3 kept" in out
+    assert "80.0 MiB above the parameters and inputs; remat's measured peak above them: 70.0 MiB (within" in out
+
+
+def test_budget_sweep_checks_catch_each_failure() -> None:
+    from benchmarks.budget_sweep import Row, checks
+
+    def row(name: str, budget: float | None, peak: float, step: float | None) -> Row:
+        return Row(name, "remat", {}, budget and budget * 2**20, int(peak * 2**20), step)
+
+    pytorch = [row("pytorch 1.0", None, 100, 1.0), row("pytorch 0.5", None, 70, 1.3)]
+    good = checks(pytorch, [row("a", 100, 90, 0.9), row("b", 70, 60, 1.2)], [row("c", 80, 75, None)], row("low", None, 40, 1.2))
+    assert all(line.endswith("yes") for line in good), good
+    bad = checks(
+        pytorch,
+        [row("a", 100, 90, 1.1), row("b", 70, 95, 1.2)],  # a too slow; b over its budget and above a
+        [],
+        row("low", None, 60, 1.4),  # 0.86x PyTorch's lowest and slower
+    )
+    assert [line.split(":")[0] for line in bad if "NO" in line] == [
+        "monotone over 3 budgets", "honored (peak <= 1.05 x budget)", "dominance (time <= 1.02 x PyTorch's at its measured peak)",
+        "lowest plan",
+    ], bad

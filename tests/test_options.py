@@ -48,10 +48,33 @@ def test_options_must_be_a_mapping(options):
         RematOptions.from_mapping(options)
 
 
-@pytest.mark.parametrize("name", ["offload", "compress", "save_only"])
+@pytest.mark.parametrize("name", ["offload", "compress"])
 def test_later_options_say_not_implemented(name):
     with pytest.raises(NotImplementedError, match=f"'{name}'.*not implemented yet"):
         RematOptions.from_mapping({name: 0.5})
+
+
+def test_save_only_takes_tag_names():
+    opts = RematOptions.from_mapping({"save_only": ["attn_out", "mlp_in", "attn_out"], "memory_budget": "1GB"})
+    assert opts.save_only == ("attn_out", "mlp_in")
+    assert RematOptions.from_mapping({"save_only": "attn_out"}).save_only == ("attn_out",)
+    assert RematOptions.from_mapping(opts.to_dict()) == opts
+    assert "save_only" not in RematOptions().to_dict()
+    assert RematOptions.from_mapping({"save_only": None}) == RematOptions()
+
+
+@pytest.mark.parametrize("value", [[], [""], ["a", 2], 3, {"a"}])
+def test_bad_save_only_names_the_option_and_the_form(value):
+    with pytest.raises(ValueError) as info:
+        RematOptions.from_mapping({"save_only": value})
+    message = str(info.value)
+    assert "'save_only' must be a non-empty list of names given with remat.tag(x, name)" in message
+    assert f"got {value!r}" in message
+
+
+def test_save_only_and_policy_are_exclusive():
+    with pytest.raises(ValueError, match=r"'save_only' \(got \['a'\]\) and 'policy' \(got 'full'\) cannot be combined"):
+        RematOptions.from_mapping({"save_only": ["a"], "policy": "full"})
 
 
 def test_remat_compile_validates_before_any_work():

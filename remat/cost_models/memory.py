@@ -13,7 +13,12 @@ is checked against it, so it models what the runtime really does:
 - parameters, buffers and inputs of the forward exist before and after the step
   (``resident_bytes``); the step's peak is counted above them, as it is measured;
 - forward outputs that the backward does not read (the loss) and the gradients the
-  backward returns live to the end of the step.
+  backward returns live to the end of the step;
+- with ``fused=True``, the graphs run as Inductor compiles them (``cost_models.fusion``):
+  values it computes inside their readers' kernels get no storage, and what they read
+  lives until the last kernel that computes them has run; kernels fused into an
+  earlier one run there; a kernel that writes its result over an input it reads for
+  the last time needs no new storage; convolutions need no reordering scratch.
 
 Each storage becomes an interval of timeline positions; the live bytes are their sum.
 A full simulation is linear in the graph size (a difference array). ``LiveBytes``
@@ -24,13 +29,14 @@ is, try another plan, in O(log n) each and read the new peak at once.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import is_primal, size_hint, storage_key
+from remat._torch_internals import is_primal, is_tangent, size_hint, storage_key
+from remat.cost_models.fusion import Fusion, fuse, fused_workspace_bytes, read_positions
 from remat.cost_models.sizes import leaves, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 from remat.passes.schedule import StepOrder
@@ -88,11 +94,12 @@ class _Storage:
 
 
 def simulate_step(
-    forward: fx.Graph, backward: fx.Graph | None = None, *, num_user_outputs: int | None = None
+    forward: fx.Graph, backward: fx.Graph | None = None, *, num_user_outputs: int | None = None, fused: bool = False
 ) -> MemoryTimeline:
     """The memory timeline of ``forward`` then ``backward`` (partitioned graphs whose
     values share fake tensors, as AOTAutograd's partitioner makes them). The first
-    ``num_user_outputs`` forward outputs are the caller's; the rest are saved values."""
+    ``num_user_outputs`` forward outputs are the caller's; the rest are saved values.
+    ``fused``: each graph compiled by Inductor, not run op by op."""
     graphs = [("forward", forward)] + ([("backward", backward)] if backward is not None else [])
     positions: list[str] = []
     where: dict[fx.Node, int] = {}
@@ -111,20 +118,32 @@ def simulate_step(
     # tensors of the forward ops they repeat, but allocate anew. Only the backward's
     # inputs (saved values, and views of them) are the forward's storages.
     storages: dict[tuple[int, int], _Storage] = {}
+    fusions: list[tuple[Fusion, dict[fx.Node, int], Callable[[fx.Node], _Storage | None]]] = []
     graph_start = 0
     for index, (name, graph) in enumerate(graphs):
         nodes = _running_nodes(graph)
         graph_end = graph_start + len(nodes) - 1
+        fusion = fuse(nodes, _outputs(graph)) if fused else _UNFUSED
+        runs_at = _kernel_positions(fusion, {n: where[n] for n in nodes})
+        read_at = read_positions(nodes, runs_at, fusion.inlined)
         handed_over = {
             storage_key(t)
             for node in graph.find_nodes(op="placeholder")
             for t in tensors_in(node.meta.get("val"))
         }
+
+        def storage_of(node: fx.Node, index: int = index, handed_over: set[int] = handed_over) -> _Storage | None:
+            if node.op == "placeholder" and is_tangent(node):
+                return None  # autograd's, not the graph's to write over
+            ref = _only_storage(node)
+            return storages.get((index - 1, ref) if index and ref in handed_over else (index, ref))
+
+        fusions.append((fusion, runs_at, storage_of))
         for node in graph.nodes:
-            if node.op == "output":
+            if node.op == "output" or node in fusion.inlined:
                 continue
-            born = graph_start if node.op == "placeholder" else where[node]
-            dies = max((where.get(u, graph_end) for u in node.users), default=born)
+            born = graph_start if node.op == "placeholder" else runs_at[node]
+            dies = max((read_at.get(u, graph_end) for u in node.users), default=born)
             for tensor in tensors_in(node.meta.get("val")):
                 ref = storage_key(tensor)
                 if ref in resident:
@@ -137,35 +156,49 @@ def simulate_step(
                     storage.end = max(storage.end, dies)
         graph_start = graph_end + 1
     _keep_forward_outputs_to_end(forward, backward, storages, last, num_user_outputs)
+    for fusion, runs_at, storage_of in fusions:
+        _write_in_place(fusion, runs_at, storage_of)
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
+    scratch_of = fused_workspace_bytes if fused else workspace_bytes
     for node, position in where.items():
-        if scratch := workspace_bytes(node):
+        if scratch := scratch_of(node):
             intervals.append(Interval(f"workspace of {node.name}", scratch, position, position))
     return MemoryTimeline(positions, _sum_intervals(intervals, len(positions)), intervals, sum(resident.values()))
 
 
-def simulate_order(order: StepOrder) -> MemoryTimeline:
+def simulate_order(order: StepOrder, fused: bool = False) -> MemoryTimeline:
     """The memory timeline of the partition described by ``order`` (see
     ``passes.schedule``), straight from the joint graph: the same accounting as
-    ``simulate_step`` on the extracted graphs, without extracting them."""
+    ``simulate_step`` on the extracted graphs, without extracting them.
+
+    ``fused``: both graphs compiled by Inductor rather than run op by op
+    (``cost_models.fusion``): the values it inlines into their readers take no memory,
+    fused kernels run together. The positions stay one per node (an inlined value's
+    position allocates nothing), so timelines of both kinds line up."""
     steps = [("forward", n) for n in order.forward] + [("backward", n) for n in order.backward]
     positions = [f"{phase}:{node.name}" for phase, node in steps]
     last = len(steps) - 1
     backward_start = len(order.forward)
-    fw_at = {node: i for i, node in enumerate(order.forward)}
-    bw_at = {node: backward_start + i for i, node in enumerate(order.backward)}
+    fw_fusion = fuse(order.forward, {*order.saved, *order.user_outputs}) if fused else _UNFUSED
+    bw_fusion = fuse(order.backward, order.gradients) if fused else _UNFUSED
+    fw_at = _kernel_positions(fw_fusion, {node: i for i, node in enumerate(order.forward)})
+    bw_at = _kernel_positions(bw_fusion, {node: backward_start + i for i, node in enumerate(order.backward)})
     saved = set(order.saved)
+    fw_inlined, bw_inlined = fw_fusion.inlined, bw_fusion.inlined
+    fw_read_at = read_positions(order.forward, fw_at, fw_inlined)
+    bw_read_at = read_positions(order.backward, bw_at, bw_inlined)
 
     # The last position reading each value: forward reads of forward values; backward
     # reads of the backward's own values, or of the saved values and inputs it receives.
+    # An inlined value reads its inputs where its last reader runs.
     fw_last: dict[fx.Node, int] = {}
     bw_last: dict[fx.Node, int] = {}
     handed: dict[fx.Node, int] = {}
-    for node, at in fw_at.items():
+    for node, at in fw_read_at.items():
         for arg in node.all_input_nodes:
             fw_last[arg] = max(fw_last.get(arg, at), at)
-    for node, at in bw_at.items():
+    for node, at in bw_read_at.items():
         for arg in node.all_input_nodes:
             target = bw_last if arg in bw_at else handed
             target[arg] = max(target.get(arg, at), at)
@@ -198,6 +231,8 @@ def simulate_order(order: StepOrder) -> MemoryTimeline:
     for node in (*saved, *inputs):
         handed_over.update(storage_key(t) for t in tensors_in(node.meta.get("val")))
     for node, at in fw_at.items():
+        if node in fw_inlined:
+            continue
         dies = fw_last.get(node, at)
         if node in saved:
             dies = max(dies, handed.get(node, backward_start))
@@ -209,18 +244,65 @@ def simulate_order(order: StepOrder) -> MemoryTimeline:
         if node in handed:
             live(node, 0, backward_start, handed[node])
     for node, at in bw_at.items():
-        live(node, 1, at, bw_last.get(node, at))
+        if node not in bw_inlined:
+            live(node, 1, at, bw_last.get(node, at))
     for node in order.user_outputs:
         live(node, 0, fw_at.get(node, 0), last)
     for node in order.gradients:
         if node in bw_at:
             live(node, 1, bw_at[node], last)
+    if fused:
+        tangents = set(inputs)
+
+        def storage_of(node: fx.Node, phase: int) -> _Storage | None:
+            ref = _only_storage(node)
+            return None if node in tangents else storages.get((0, ref) if phase == 0 or ref in handed_over else (1, ref))
+
+        _write_in_place(fw_fusion, fw_at, lambda node: storage_of(node, 0))
+        _write_in_place(bw_fusion, bw_at, lambda node: storage_of(node, 1))
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
+    scratch_of = fused_workspace_bytes if fused else workspace_bytes
     for node, at in itertools.chain(fw_at.items(), bw_at.items()):
-        if scratch := workspace_bytes(node):
+        if scratch := scratch_of(node):
             intervals.append(Interval(f"workspace of {node.name}", scratch, at, at))
     return MemoryTimeline(positions, _sum_intervals(intervals, len(positions)), intervals, sum(resident.values()))
+
+
+_UNFUSED = Fusion(set(), {}, {})
+
+
+def _kernel_positions(fusion: Fusion, position: dict[fx.Node, int]) -> dict[fx.Node, int]:
+    """Where each node runs: a kernel fused into an earlier one, there."""
+    for node, first in fusion.runs_with.items():
+        position[node] = position[first]
+    return position
+
+
+def _only_storage(node: fx.Node) -> int | None:
+    tensors = tensors_in(node.meta.get("val"))
+    return storage_key(tensors[0]) if len(tensors) == 1 else None
+
+
+def _write_in_place(fusion: Fusion, position: Mapping[fx.Node, int], storage_of: Callable[[fx.Node], _Storage | None]) -> None:
+    """A kernel that reads a stored input for the last time, elementwise at its own
+    index, writes its result over it (``Fusion.in_place``): end the input's storage
+    just before the kernel, so the two are never counted together. Parameters and
+    inputs are resident (no storage here); tangents are never written over."""
+    for node, candidates in fusion.in_place.items():
+        result, at = storage_of(node), position[node]
+        if result is None or result.start != at:
+            continue
+        for candidate in candidates:
+            storage = storage_of(candidate)
+            if storage is not None and storage is not result and storage.start < at == storage.end and storage.nbytes == result.nbytes:
+                storage.end = at - 1
+                break
+
+
+def _outputs(graph: fx.Graph) -> list[fx.Node]:
+    (output_node,) = graph.find_nodes(op="output")
+    return [v for v in leaves(output_node.args[0] if output_node.args else ()) if isinstance(v, fx.Node)]
 
 
 def _keep_forward_outputs_to_end(
@@ -236,8 +318,7 @@ def _keep_forward_outputs_to_end(
     every output the backward does not read is taken for a user output. (The
     backward's outputs, the gradients, already live to the end: the output node is
     their last use.)"""
-    (output_node,) = forward.find_nodes(op="output")
-    outputs = [v for v in leaves(output_node.args[0] if output_node.args else ()) if isinstance(v, fx.Node)]
+    outputs = _outputs(forward)
     if num_user_outputs is not None:
         user = outputs[:num_user_outputs]
     else:

@@ -62,7 +62,7 @@ def _uses_onednn(x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilat
     return groups > 1 or all(k > 3 for k in kernel) or batch > 1 or size_hint(x.numel()) > 20480
 
 
-def _cpu_convolution(node: fx.Node) -> int:
+def _cpu_convolution(node: fx.Node, channels_last: bool) -> int:
     # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     x, weight = _val(node.args[0]), _val(node.args[1])
     stride, dilation, transposed, groups = list(node.args[3]), list(node.args[5]), node.args[6], node.args[8]
@@ -70,11 +70,13 @@ def _cpu_convolution(node: fx.Node) -> int:
         return 0  # transposed convolutions: not measured
     if not _uses_onednn(x, weight, stride, dilation, groups):
         return 0
+    if channels_last:  # measured: nothing is reordered
+        return _contiguous_copy(x)
     # measured: the larger of input and output is reordered, plus the weight
     return max(_bytes(x), _bytes(node.meta.get("val"))) + _bytes(weight) + _contiguous_copy(x)
 
 
-def _cpu_convolution_backward(node: fx.Node) -> int:
+def _cpu_convolution_backward(node: fx.Node, channels_last: bool) -> int:
     # convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
     #                      transposed, output_padding, groups, output_mask)
     grad_out, x, weight = (_val(a) for a in node.args[:3])
@@ -83,6 +85,8 @@ def _cpu_convolution_backward(node: fx.Node) -> int:
         return 0  # transposed convolutions: not measured
     if not _uses_onednn(x, weight, stride, dilation, groups):
         return 0
+    if channels_last:  # measured: nothing is reordered, a strided grad_output is copied
+        return _contiguous_copy(grad_out) + _contiguous_copy(x)
     # measured: input and grad_output reordered; with a stride, the grad_output is
     # brought to the input's resolution first, so twice the input
     second = _bytes(grad_out) if all(s == 1 for s in stride) else _bytes(x)
@@ -95,8 +99,12 @@ _CPU_RULES = {
 }
 
 
-def workspace_bytes(node: fx.Node) -> int:
-    """Scratch bytes ``node``'s op holds while it runs, beyond its inputs and outputs."""
+def workspace_bytes(node: fx.Node, *, channels_last: bool = False) -> int:
+    """Scratch bytes ``node``'s op holds while it runs, beyond its inputs and outputs.
+
+    ``channels_last``: convolutions run on channels-last tensors, as Inductor lays
+    them out on the CPU; oneDNN then reorders nothing and only makes dense copies of
+    strided inputs (measured under Inductor, one thread)."""
     rule = _CPU_RULES.get(node.target) if node.op == "call_function" else None
     if rule is None:
         return 0
@@ -105,4 +113,4 @@ def workspace_bytes(node: fx.Node) -> int:
     first = next((t for t in outputs if isinstance(t, torch.Tensor)), None)
     if first is None or first.device.type != "cpu":
         return 0
-    return rule(node)
+    return rule(node, channels_last)

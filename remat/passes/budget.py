@@ -25,8 +25,7 @@ dynamic program against.
 
 from __future__ import annotations
 
-import operator
-import time
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from remat._torch_internals import JointInfo, is_primal, storage_key
 from remat.cost_models.memory import MemoryTimeline, simulate_order
 from remat.cost_models.sizes import storage_size, tensors_in
-from remat.passes.recompute_rules import ban_reason, heavy_reason, is_heavy, is_view
+from remat.passes.recompute_rules import ban_reason, heavy_reason, is_heavy, is_view, source_op
 from remat.passes.remat import cheapest_saved
 from remat.passes.schedule import StepOrder, complete_saved_set, recomputed_nodes, step_order
 from remat.passes.segments import Segment, find_segments, remap
@@ -62,12 +61,16 @@ class Group:
 class GroupCost:
     """A group in the peak model: the bytes it keeps for the backward (``kept``), its
     own peak above the bytes kept before it, per segment, in the forward and in the
-    backward, and the estimated time it recomputes."""
+    backward (``peaks``; ``top`` is their maximum), and the estimated time it recomputes."""
 
     group: Group
     kept: float
-    peaks: tuple[float, ...]
+    peaks: np.ndarray
     seconds: float
+
+    @property
+    def top(self) -> float:
+        return float(self.peaks.max())
 
 
 @dataclass
@@ -83,6 +86,16 @@ class Solution:
     @property
     def peak(self) -> int:
         return self.timeline.peak_bytes + self.timeline.resident_bytes
+
+
+def simulate_saved(
+    graph: fx.Graph, saved: list[fx.Node], num_fwd_outputs: int, seconds: Callable[[fx.Node], float], fused: bool
+) -> Solution:
+    """The step that keeps ``saved`` (a complete saved set): its order, simulated
+    timeline (``fused``: as Inductor compiles it) and estimated recompute time."""
+    order = step_order(graph, saved, num_fwd_outputs)
+    recompute = sum(seconds(n) for n in recomputed_nodes(order))
+    return Solution([], saved, order, simulate_order(order, fused=fused), recompute)
 
 
 class InfeasibleBudget(ValueError):
@@ -118,11 +131,13 @@ class BudgetProblem:
         never_recompute: Callable[[fx.Node], str | None] = lambda node: None,
         group_starts: Sequence[int] | None = None,
         segments: list[Segment] | None = None,
+        fused: bool = False,
     ) -> None:
         self.graph = graph
+        self.fused = fused
         self.info = info
         self.num_fwd_outputs = num_fwd_outputs
-        self.seconds = seconds
+        self.seconds = functools.cache(seconds)  # every simulated plan sums the same nodes' estimates
         self.modes = tuple(modes)
         self.segments = find_segments(graph, info) if segments is None else segments
         self.segment_of = {node: s.index for s in self.segments for node in s.nodes}
@@ -138,6 +153,7 @@ class BudgetProblem:
             for t in tensors_in(n.meta.get("val"))
         }
         self._resident_keys = set(resident)
+        self._storage_cache: dict[fx.Node, dict[int, int]] = {}
         self.resident = sum(resident.values())
         self._pieces: dict[tuple[int, str], list[fx.Node]] = {}
         self._solve_pieces()
@@ -163,7 +179,7 @@ class BudgetProblem:
                 else:  # heavy
                     bans = banned_names | {n.name for n in region if is_heavy(n)}
                     no_keep = frozenset(
-                        n for n in region if not is_heavy(n) and n not in self.banned and _source(n) not in self.banned
+                        n for n in region if not is_heavy(n) and n not in self.banned and source_op(n) not in self.banned
                     )
                 saved, _ = cheapest_saved(region, self.info, banned=bans, no_keep=no_keep)
                 self._pieces[segment.index, mode] = saved
@@ -184,21 +200,28 @@ class BudgetProblem:
         return complete_saved_set(self.graph, chosen, self.num_fwd_outputs, set(self.banned))
 
     def simulate(self, groups: Sequence[Group]) -> Solution:
-        saved = self.saved_values(groups)
-        order = step_order(self.graph, saved, self.num_fwd_outputs)
-        seconds = sum(self.seconds(n) for n in recomputed_nodes(order))
-        return Solution(list(groups), saved, order, simulate_order(order), seconds)
+        solution = simulate_saved(self.graph, self.saved_values(groups), self.num_fwd_outputs, self.seconds, self.fused)
+        solution.groups = list(groups)
+        return solution
 
     # --- the peak model ------------------------------------------------------
 
+    def _storages(self, node: fx.Node) -> dict[int, int]:
+        """The storages ``node`` holds that are not resident, with their bytes."""
+        found = self._storage_cache.get(node)
+        if found is None:
+            found = {
+                key: storage_size(t).hint
+                for t in tensors_in(node.meta.get("val"))
+                if (key := storage_key(t)) not in self._resident_keys
+            }
+            self._storage_cache[node] = found
+        return found
+
     def _bytes(self, nodes: Iterable[fx.Node]) -> float:
-        resident = self._resident_keys
         seen: dict[int, int] = {}
         for node in nodes:
-            for tensor in tensors_in(node.meta.get("val")):
-                key = storage_key(tensor)
-                if key not in resident:
-                    seen[key] = storage_size(tensor).hint
+            seen.update(self._storages(node))
         return float(sum(seen.values()))
 
     def _calibrate(self) -> dict[Group, GroupCost]:
@@ -245,27 +268,55 @@ class BudgetProblem:
         for group in self.candidate_groups():
             if group.mode != RECOMPUTE:
                 k, mode = group.first, group.mode
-                costs[group] = GroupCost(
-                    group, kept[k, mode], (max(forward_peak[k, mode], backward_peak[k, mode]),), recompute_seconds[k, mode]
-                )
-                continue
-            members = range(group.first, group.last + 1)
-            banned_bytes = sum(
-                self._bytes(n for n in self.segments[k].nodes if n in self.banned) for k in members
-            )
-            group_kept = self._bytes(self.group_saved(group)) + banned_bytes
-            peaks = []
-            before = 0.0  # kept by the group's earlier segments in the forward
-            waiting = 0.0  # recomputed values of earlier segments waiting for their backward
-            for k in members:
-                forward = before + forward_peak[k, RECOMPUTE]
-                backward = group_kept + waiting + backward_peak[k, RECOMPUTE] - kept[k, RECOMPUTE]
-                peaks.append(max(forward, backward))
-                before += kept[k, RECOMPUTE]
-                waiting += read_by_backward[k]
-            seconds = sum(recompute_seconds[k, RECOMPUTE] for k in members)
-            costs[group] = GroupCost(group, group_kept, tuple(peaks), seconds)
+                peak = max(forward_peak[k, mode], backward_peak[k, mode])
+                costs[group] = GroupCost(group, kept[k, mode], np.array([peak]), recompute_seconds[k, mode])
+        if RECOMPUTE not in self.modes:
+            return costs
+        banned_bytes = np.array(
+            [self._bytes(n for n in s.nodes if n in self.banned) for s in self.segments]
+        )
+        seconds = np.array([recompute_seconds[k, RECOMPUTE] for k in range(count)])
+        by_first: dict[int, list[Group]] = {}
+        for group in self.candidate_groups():
+            if group.mode == RECOMPUTE:
+                by_first.setdefault(group.first, []).append(group)
+        for first, groups in by_first.items():
+            # Member k of a group from ``first`` peaks at max(forward[k], kept + backward[k]):
+            # in the forward, above what the group's earlier segments keep; in the backward,
+            # above the group's input and the recomputed values of earlier segments that
+            # wait for their own backward. Only ``kept`` depends on where the group ends.
+            members = np.arange(first, count)
+            own = np.array([kept[k, RECOMPUTE] for k in members])
+            before = np.concatenate([[0.0], np.cumsum(own)[:-1]])
+            waiting = np.concatenate([[0.0], np.cumsum([read_by_backward[k] for k in members])[:-1]])
+            forward = before + np.array([forward_peak[k, RECOMPUTE] for k in members])
+            backward = waiting + np.array([backward_peak[k, RECOMPUTE] for k in members]) - own
+            spent = np.cumsum(seconds[first:])
+            banned = np.cumsum(banned_bytes[first:])
+            inputs = self._group_input_bytes(first, max(g.last for g in groups))
+            for group in groups:
+                size = group.last - first + 1
+                group_kept = inputs[size - 1] + banned[size - 1]
+                peaks = np.maximum(forward[:size], group_kept + backward[:size])
+                costs[group] = GroupCost(group, group_kept, peaks, float(spent[size - 1]))
         return costs
+
+    def _group_input_bytes(self, first: int, last: int) -> list[float]:
+        """Bytes of the inputs of the recompute groups ``first..j`` for j up to
+        ``last``: the segments' inputs made before segment ``first``, each storage once."""
+        seen: dict[int, int] = {}
+        total = 0.0
+        result = []
+        for k in range(first, last + 1):
+            for node in self.segments[k].inputs:
+                if self.segment_of.get(node, -1) >= first:
+                    continue
+                for key, nbytes in self._storages(node).items():
+                    if key not in seen:
+                        seen[key] = nbytes
+                        total += nbytes
+            result.append(total)
+        return result
 
     def _backward_owners(self, backward: Sequence[fx.Node]) -> list[int]:
         """The segment whose backward each backward step belongs to: a gradient op
@@ -299,53 +350,54 @@ class BudgetProblem:
         return groups + [Group(a, b - 1, RECOMPUTE) for a, b in zip(bounds, bounds[1:]) if a < b]
 
 
-def _source(node: fx.Node) -> fx.Node:
-    """The op behind a getitem (a part of its tuple output), else the node itself."""
-    return node.args[0] if node.target is operator.getitem and isinstance(node.args[0], fx.Node) else node
-
-
 def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     """Least total recompute time whose modelled peak (above resident bytes) fits
     ``budget``: a dynamic program over the chain. Its state is the bytes kept so far,
-    in ``BUCKETS`` buckets; each bucket holds the fastest partial plan that reaches it
-    and that plan's exact bytes, so every check is exact. None if nothing fits."""
+    in buckets of ``budget / BUCKETS`` (kept bytes may pass the budget where later
+    segments peak lower, as the last ones do in the backward); each bucket holds the
+    fastest partial plan that reaches it and that plan's exact bytes, so every check is
+    exact. None if nothing fits."""
     count = len(problem.segments)
     if budget <= 0:
         return None
+    costs = list(problem.costs.values())
+    by_start: dict[int, list[int]] = {}
+    for index, cost in enumerate(costs):
+        by_start.setdefault(cost.group.first, []).append(index)
+    most_kept = sum(max(costs[j].kept for j in by_start[i]) for i in by_start)
     unit = budget / BUCKETS
-    seconds = [np.full(BUCKETS + 1, np.inf) for _ in range(count + 1)]
-    kept = [np.zeros(BUCKETS + 1) for _ in range(count + 1)]
-    came_from: list[dict[int, tuple[Group, int]]] = [{} for _ in range(count + 1)]
-    seconds[0][0] = 0.0
-    by_start: dict[int, list[GroupCost]] = {}
-    for cost in problem.costs.values():
-        by_start.setdefault(cost.group.first, []).append(cost)
+    size = int(max(budget, most_kept) / unit) + 2
+    seconds = np.full((count + 1, size), np.inf)
+    kept = np.zeros((count + 1, size))
+    came_from = np.full((count + 1, size, 2), -1, dtype=np.int64)  # (cost index, source bucket)
+    seconds[0, 0] = 0.0
     for i in range(count):
         sources = np.nonzero(np.isfinite(seconds[i]))[0]
-        for cost in by_start.get(i, ()):
-            before = kept[i][sources]
-            fits = before + max(cost.peaks) <= budget
-            if not fits.any():
+        for index in by_start.get(i, ()):
+            cost = costs[index]
+            start = sources[kept[i, sources] + cost.top <= budget]
+            if not start.size:
                 continue
-            start = sources[fits]
-            after = before[fits] + cost.kept
-            targets = np.minimum(np.floor(after / unit).astype(int), BUCKETS)
-            totals = seconds[i][start] + cost.seconds
-            end = cost.group.last + 1
-            for source, target, total, nbytes in zip(start, targets, totals, after):
-                current = seconds[end][target]
-                if total < current or (total == current and nbytes < kept[end][target]):
-                    seconds[end][target] = total
-                    kept[end][target] = nbytes
-                    came_from[end][int(target)] = (cost.group, int(source))
-    final = seconds[count]
-    if not np.isfinite(final).any():
+            after = kept[i, start] + cost.kept
+            totals = seconds[i, start] + cost.seconds
+            targets = np.minimum((after / unit).astype(np.int64), size - 1)
+            best = np.lexsort((after, totals, targets))  # per target: fastest, then fewest bytes
+            first = best[np.r_[True, targets[best][1:] != targets[best][:-1]]]
+            end, target = cost.group.last + 1, targets[first]
+            current, current_kept = seconds[end, target], kept[end, target]
+            better = (totals[first] < current) | ((totals[first] == current) & (after[first] < current_kept))
+            chosen, target = first[better], target[better]
+            seconds[end, target] = totals[chosen]
+            kept[end, target] = after[chosen]
+            came_from[end, target, 0] = index
+            came_from[end, target, 1] = start[chosen]
+    if not np.isfinite(seconds[count]).any():
         return None
-    at, position, groups = int(np.argmin(final)), count, []
+    at, position, groups = int(np.argmin(seconds[count])), count, []
     while position > 0:
-        group, at = came_from[position][at]
-        groups.append(group)
-        position = group.first
+        index, at = (int(v) for v in came_from[position, at])
+        groups.append(costs[index].group)
+        position = costs[index].group.first
     return groups[::-1]
 
 
@@ -377,17 +429,10 @@ def model_seconds(problem: BudgetProblem, groups: Sequence[Group]) -> float:
     return sum(problem.costs[g].seconds for g in groups)
 
 
-@dataclass
-class BudgetResult:
-    solution: Solution
-    solve_seconds: float
-
-
-def solve_budget(problem: BudgetProblem, budget: int) -> BudgetResult:
+def solve_budget(problem: BudgetProblem, budget: int) -> Solution:
     """The fastest plan whose simulated peak fits ``budget`` (whole step, resident
     bytes included). The model's budget is corrected by the simulated error until
     the plan fits; raises ``InfeasibleBudget`` with the lowest plan if none does."""
-    started = time.perf_counter()
     resident = problem.resident
     best: Solution | None = None
     lowest: Solution | None = None
@@ -423,12 +468,12 @@ def solve_budget(problem: BudgetProblem, budget: int) -> BudgetResult:
         else:
             high = middle
     if best is not None:
-        return BudgetResult(best, time.perf_counter() - started)
+        return best
     floor = lowest_plan(problem)
     if lowest is None or floor.peak < lowest.peak:
         lowest = floor
     if lowest.peak <= budget:
-        return BudgetResult(lowest, time.perf_counter() - started)
+        return lowest
     raise InfeasibleBudget(budget, lowest)
 
 

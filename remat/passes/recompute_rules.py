@@ -64,11 +64,16 @@ def ban_reason(node: fx.Node) -> str | None:
     return None
 
 
+def source_op(node: fx.Node) -> fx.Node:
+    """The op behind a getitem (a part of its tuple output), else the node itself: the
+    parts of a tuple follow the rules of the op that makes them."""
+    return node.args[0] if node.target is operator.getitem and isinstance(node.args[0], fx.Node) else node
+
+
 def is_heavy(node: fx.Node) -> bool:
     """Matmul, convolution and attention (and the parts of their tuple outputs):
     recomputing them costs the most time per byte."""
-    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
+    node = source_op(node)
     return isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket in HEAVY_OPS
 
 

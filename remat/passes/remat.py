@@ -9,7 +9,8 @@ fewest bytes.
 The capacities are exact integers ``bytes * M + recompute_cost`` where M exceeds the sum
 of every recompute cost, so the cut minimizes kept bytes first and, among the cuts that
 keep the fewest bytes, the work recomputed in the backward. Nodes that must not be
-recomputed (see ``recompute_rules``) are tied to the source.
+recomputed (see ``recompute_rules``) are tied to the source. ``solve_keep_only`` is the
+same cut where only those may be kept (the ``save_only`` option: tagged values).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.fx as fx
 from remat._torch_internals import JointInfo, checkpoint_policy, is_primal
 from remat.cost_models.flops import recompute_cost
 from remat.cost_models.sizes import node_tensor, tensor_size
-from remat.passes.recompute_rules import ban_reason, heavy_reason, is_view
+from remat.passes.recompute_rules import ban_reason, heavy_reason, is_view, source_op
 
 SOURCE, SINK = "__source__", "__sink__"
 
@@ -67,6 +68,33 @@ def solve_min_cut(
     banned = {n.name: r for n in nodes if n in info.required_fw and (r := ban_reason(n) or heavy_reason(n))}
     saved, cut_bytes = cheapest_saved(nodes, info, banned=set(banned), cost=cost)
     return MinCutResult(saved=saved, banned=banned, cut_bytes=cut_bytes)
+
+
+def solve_keep_only(
+    graph: fx.Graph,
+    info: JointInfo,
+    never_recompute: Callable[[fx.Node], str | None],
+    cost: Callable[[fx.Node], int] = recompute_cost,
+) -> MinCutResult:
+    """Keep only values that may not be recomputed (``ban_reason``, and what
+    ``never_recompute`` names, e.g. the values that ``save_only`` tags) and symbolic
+    sizes (free), the cheapest cut of them that the backward needs; recompute
+    everything else from them, compute-heavy ops included."""
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    banned = {
+        n.name: r
+        for n in nodes
+        if n in info.required_fw and (r := ban_reason(n) or (not is_view(n) and never_recompute(n)))
+    }
+    no_keep = frozenset(
+        n for n in nodes if n.name not in banned and source_op(n).name not in banned and not _symbolic(n)
+    )
+    saved, cut_bytes = cheapest_saved(nodes, info, banned=set(banned), no_keep=no_keep, cost=cost)
+    return MinCutResult(saved=saved, banned=banned, cut_bytes=cut_bytes)
+
+
+def _symbolic(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def cheapest_saved(

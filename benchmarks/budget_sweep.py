@@ -1,0 +1,217 @@
+"""remat's ``memory_budget`` against PyTorch's ``activation_memory_budget``, measured.
+
+    python -m benchmarks.budget_sweep --model gpt      (or unet; `make budget-sweep` runs both)
+
+For one model, in one run:
+
+1. PyTorch: ``torch.compile`` (Inductor) with ``activation_memory_budget`` at 1.0, 0.7,
+   0.5, 0.3, 0.1 and 0.0; each point's peak and step time are measured.
+2. remat, right after each PyTorch point: ``memory_budget`` set to that point's
+   measured peak (plus the parameters and inputs, which ``memory_budget`` counts and
+   the measured peak, taken above the memory in use before the step, does not). Its
+   time is compared with the PyTorch point's (dominance: at most 1.02x).
+3. remat at more budgets (fractions of its no-recomputation peak; peaks only) and its
+   lowest-memory plan (a budget nothing meets, with ``on_infeasible="closest"``; peak
+   and time).
+
+Then, over all remat points sorted by budget: the measured peak never rises as the
+budget falls (monotone, within the 1 MiB that repeats of one configuration differ by),
+and never passes the budget by more than 5% (honored; budgets and peaks both above the
+parameters and inputs). Finally remat's lowest plan against the lowest PyTorch point.
+
+Every number comes from ``benchmarks.measure`` (fresh processes, DESIGN.md
+"Measuring"); the step is forward, loss and backward (the part the compilers plan; no
+optimizer). The report, with the command, goes to ``benchmarks/results/budget_sweep_<model>.md``
+and every field the workers report to the JSON file beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.measure import (
+    BUDGET_OPTION,
+    MIB,
+    REPO_ROOT,
+    Job,
+    ModelSpec,
+    machine,
+    machine_summary,
+    resident_bytes,
+    run_worker,
+    spec_summary,
+)
+
+MODELS = {
+    # A small vocabulary, so that the loss head does not set the lowest peak.
+    "gpt": ModelSpec(
+        "gpt", {"n_layers": 6, "d_model": 256, "n_heads": 4, "seq_len": 256, "vocab": 512, "batch": 4, "dropout": 0.0}
+    ),
+    "unet": ModelSpec("unet", {"batch": 8, "image_size": 64, "widths": [32, 64, 128]}),
+}
+PYTORCH_BUDGETS = (1.0, 0.7, 0.5, 0.3, 0.1, 0.0)
+FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4)
+LOWEST = {"memory_budget": "1MiB", "on_infeasible": "closest"}
+NOISE_BYTES = 1 * MIB
+HONORED = 1.05
+DOMINANCE_TIME = 1.02
+LOWEST_PEAK = 0.7
+
+
+@dataclasses.dataclass
+class Row:
+    """One measured point: what ran, its budget above resident bytes, peak and time."""
+
+    name: str
+    strategy: str
+    options: dict[str, Any]
+    budget_bytes: float | None = None
+    peak_bytes: int | None = None
+    step_s: float | None = None
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def run(spec: ModelSpec, row: Row, settings: dict[str, Any], timed: bool) -> Row:
+    peak = run_worker(Job(spec, row.strategy, "peak", row.options, **settings))
+    row.peak_bytes = peak["peak_bytes"]
+    row.detail["peak_worker"] = peak
+    if timed:
+        timing = run_worker(Job(spec, row.strategy, "time", row.options, **settings))
+        row.step_s = timing["step_s"]
+        row.detail["time_worker"] = timing
+    plans = peak.get("plans") or []
+    if row.budget_bytes is None and row.options != LOWEST and plans:  # the lowest plan meets no budget
+        row.budget_bytes = plans[0]["budget_bytes"] - plans[0]["predicted_resident_bytes"]
+    shown = f"{row.peak_bytes / MIB:.1f} MiB" + (f", {row.step_s:.3f} s" if row.step_s is not None else "")
+    print(f"  {row.name}: {shown}", flush=True)
+    return row
+
+
+def checks(pytorch: Sequence[Row], paired: Sequence[Row], extra: Sequence[Row], lowest: Row) -> list[str]:
+    """The acceptance checks of issue 4 on the measured rows, one line each."""
+    lines = []
+    ladder = [*sorted([*paired, *extra], key=lambda r: -r.budget_bytes), lowest]
+    rises = [
+        f"{low.name} ({low.peak_bytes / MIB:.1f} MiB) above {high.name} ({high.peak_bytes / MIB:.1f} MiB)"
+        for high, low in zip(ladder, ladder[1:])
+        if low.peak_bytes > high.peak_bytes + NOISE_BYTES
+    ]
+    lines.append(
+        f"monotone over {len(ladder)} budgets: " + ("yes" if not rises else "NO: " + "; ".join(rises))
+    )
+    over = [
+        f"{r.name}: {r.peak_bytes / MIB:.1f} MiB > {HONORED} x {r.budget_bytes / MIB:.1f} MiB"
+        for r in [*paired, *extra]
+        if r.budget_bytes is not None and r.peak_bytes > HONORED * r.budget_bytes
+    ]
+    lines.append(f"honored (peak <= {HONORED} x budget): " + ("yes" if not over else "NO: " + "; ".join(over)))
+    slower = [
+        f"{r.name}: {r.step_s / p.step_s:.3f}x the time of {p.name}"
+        for p, r in zip(pytorch, paired)
+        if r.step_s > DOMINANCE_TIME * p.step_s
+    ]
+    lines.append(
+        f"dominance (time <= {DOMINANCE_TIME} x PyTorch's at its measured peak): "
+        + ("yes" if not slower else "NO: " + "; ".join(slower))
+    )
+    floor = min(pytorch, key=lambda r: r.peak_bytes)
+    ratio = lowest.peak_bytes / floor.peak_bytes
+    faster = lowest.step_s <= floor.step_s
+    lines.append(
+        f"lowest plan: {lowest.peak_bytes / MIB:.1f} MiB = {ratio:.2f}x PyTorch's lowest ({floor.name}, "
+        f"{floor.peak_bytes / MIB:.1f} MiB; wanted <= {LOWEST_PEAK}x), step {lowest.step_s:.3f} s against "
+        f"{floor.step_s:.3f} s: " + ("yes" if ratio <= LOWEST_PEAK and faster else "NO")
+    )
+    return lines
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| point | budget MiB (above params and inputs) | measured peak MiB | median step s | plan |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        budget = f"{r.budget_bytes / MIB:.1f}" if r.budget_bytes is not None else "-"
+        step = f"{r.step_s:.3f}" if r.step_s is not None else "-"
+        plans = r.detail.get("peak_worker", {}).get("plans") or []
+        plan = "; ".join(
+            f"{p['partitioner']}: {p['kept']} kept, {p['recomputed']} recomputed"
+            + (f", fell back: {p['fallback_reason']}" if p["fallback_reason"] else "")
+            for p in plans
+        )
+        lines.append(f"| {r.name} | {budget} | {r.peak_bytes / MIB:.1f} | {step} | {plan or '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="gpt")
+    parser.add_argument("--kwargs", help="JSON object merged over the model factory's keyword arguments")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per time worker; the median is used")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    args = parser.parse_args(argv)
+    spec = MODELS[args.model]
+    if args.kwargs:
+        spec = ModelSpec(spec.factory, {**spec.kwargs, **json.loads(args.kwargs)})
+    settings = {"warmup": 2, "steps": args.steps, "optimizer": None, "threads": args.threads}
+    started = time.perf_counter()
+    command = shlex.join([Path(sys.executable).name, "-m", "benchmarks.budget_sweep", *(sys.argv[1:] if argv is None else argv)])
+    resident = resident_bytes(spec)
+    header = [
+        f"# remat memory_budget against activation_memory_budget: {args.model}",
+        "",
+        f"command: `{command}`",
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"machine: {machine_summary(machine(), args.threads)}",
+        f"model: {spec_summary(spec)}",
+        f"step: forward, loss, backward (no optimizer); parameters, buffers and inputs: {resident / MIB:.1f} MiB",
+        "peak: VmHWM - VmRSS across one step in a fresh process with MALLOC_MMAP_THRESHOLD_=131072; "
+        f"time: median of {args.steps} steps in a second fresh process without it",
+        "",
+    ]
+    print("\n".join(header), flush=True)
+
+    pytorch: list[Row] = []
+    paired: list[Row] = []
+    for budget in PYTORCH_BUDGETS:
+        point = run(spec, Row(f"pytorch {budget}", "compile-budget", {BUDGET_OPTION: budget}), settings, timed=True)
+        pytorch.append(point)
+        matched = Row(
+            f"remat at pytorch {budget}'s peak", "remat",
+            # "closest": a budget remat cannot meet shows as a failed check, not a crash
+            {"memory_budget": int(point.peak_bytes + resident), "on_infeasible": "closest"},
+            budget_bytes=float(point.peak_bytes),
+        )
+        paired.append(run(spec, matched, settings, timed=True))
+    extra = [
+        run(spec, Row(f"remat memory_budget={f}", "remat", {"memory_budget": f, "on_infeasible": "closest"}), settings, timed=False)
+        for f in FRACTIONS
+    ]
+    lowest = run(spec, Row("remat lowest plan", "remat", dict(LOWEST)), settings, timed=True)
+
+    body = [
+        table([*pytorch, *paired, *extra, lowest]),
+        "",
+        *[f"- {line}" for line in checks(pytorch, paired, extra, lowest)],
+        "",
+        f"sweep took {time.perf_counter() - started:.0f} s",
+    ]
+    print("\n" + "\n".join(body), flush=True)
+    results = REPO_ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"budget_sweep_{args.model}.md").write_text("\n".join(header) + "\n" + "\n".join(body) + "\n")
+    record = {"command": command, "resident_bytes": resident, "rows": [dataclasses.asdict(r) for r in [*pytorch, *paired, *extra, lowest]]}
+    (results / f"budget_sweep_{args.model}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+"""A graph as Inductor compiles it, as far as memory goes: the fused mode of the simulator.
+
+Inductor lowers each FX node to a loop body (``torch/_inductor/graph.py``, ``ir.py``).
+The body of a pointwise op, of an op that only indexes its inputs (embedding,
+gather, iota, full, ...) or of a random op, is not stored: it stays an expression, and each reader that
+Inductor generates loops for (pointwise ops, reductions, indexing, cat, scatters)
+computes it inline where it reads it. A value is stored ("realized") only when
+
+- it leaves the graph: a forward output (returned, or saved for the backward) or a
+  gradient the backward returns (``GraphLowering.run_node``);
+- a kernel Inductor does not generate reads it: matmuls, convolutions, attention, and
+  any op it has no lowering for run on real tensors (``ExternKernel.realize_input``);
+  here, any reader not known to inline its inputs, and ``as_strided``;
+- several FX nodes read it and inlining would repeat costly work
+  (``StorageBox.should_realize_on_reuse``): when the expression reads more than
+  ``realize_reads_threshold`` (4) stored values; on the CPU also when it contains exp,
+  log, sigmoid or tanh, or when a reader broadcasts it (reads each element many
+  times: the ``expand`` lowering's reuse);
+- its expression has grown too big (``has_exceeded_max_reads``): more than
+  ``realize_cpu_acc_reads_threshold`` (12; 8 elsewhere) reads, or more ops than
+  ``realize_cpu_opcount_threshold`` (50; ``realize_opcount_threshold``, 30, elsewhere).
+
+Reductions, scatters, cat and extern kernels' outputs are stored; a view of an inlined
+value is inlined with it. Checked against what Inductor realizes on the zoo's GPT, MLP
+and U-Net graphs: the same values, up to a few tiny ones.
+
+The scheduler then fuses kernels (``Scheduler.fuse_nodes``): a fused kernel runs where
+its first part did, so a later part allocates its result early and frees its inputs
+early (``Fusion.runs_with``); a stored value only its own fused kernel reads is not
+stored after all (``remove_kernel_local_buffers``); and a kernel may write its result
+over an input it reads for the last time (``Fusion.in_place``). On the CPU,
+convolutions run channels-last, without the scratch they need eagerly
+(``fused_workspace_bytes``). Each rule was needed to come within 10% of the peaks
+``benchmarks/predict.py`` measures under Inductor.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from remat._torch_internals import inductor_fallback_random, size_hint
+from remat.cost_models.workspace import workspace_bytes
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Inductor's thresholds (torch/_inductor/config.py), for the CPU and for other devices.
+REALIZE_READS_THRESHOLD = 4
+REALIZE_OPCOUNT_THRESHOLD = {"cpu": 50, "other": 30}
+REALIZE_ACC_READS_THRESHOLD = {"cpu": 12, "other": 8}
+# On the CPU a reused expression with one of these is stored rather than recomputed.
+HEAVY_ON_CPU = frozenset({aten.exp, aten.log, aten.log10, aten.log1p, aten.log2, aten.sigmoid, aten.tanh})
+
+# Ops that are not tagged pointwise but that Inductor lowers to an expression of
+# their inputs (loads at computed indices), so they can be inlined themselves.
+INDEXING = frozenset(
+    {
+        aten.embedding,
+        aten.gather,
+        aten.index,
+        aten._unsafe_index,
+        aten.constant_pad_nd,
+        aten.slice_scatter,
+        aten.select_scatter,
+        aten.full,
+        aten.scalar_tensor,
+        aten._to_copy,
+        aten.copy,
+        prims.iota,
+    }
+)
+# Random numbers, drawn inside the kernels that read them (Inductor's replace_random
+# pass) unless ``config.fallback_random`` calls them as eager does.
+RANDOM = frozenset({aten.rand.default, aten.randn.default})
+REDUCTIONS = frozenset(
+    {
+        aten.sum,
+        aten.mean,
+        aten.amax,
+        aten.amin,
+        aten.var_mean,
+        aten.var,
+        aten.std,
+        aten.prod,
+        aten.any,
+        aten.all,
+        aten.argmax,
+        aten.argmin,
+        aten.max,
+        aten.min,
+    }
+)
+# Ops whose output Inductor stores, but that read their inputs through expressions
+# (reductions, scatters into a copy of their input, cat writing each input into its
+# slice of the output).
+STORED_READERS = REDUCTIONS | frozenset(
+    {
+        aten.cat,
+        aten.scatter,
+        aten.scatter_add,
+        aten.scatter_reduce,
+        aten.index_put,
+        aten._unsafe_index_put,
+        aten._unsafe_masked_index_put_accumulate,
+        aten.index_add,
+    }
+)
+
+
+def _packet(node: fx.Node) -> object:
+    target = node.target
+    return target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
+
+
+def _inlinable(node: fx.Node) -> bool:
+    """An op Inductor lowers to an expression that it need not store."""
+    if node.target in RANDOM:
+        return not inductor_fallback_random()
+    return _lowered_to_expression(node.target)
+
+
+@functools.cache
+def _lowered_to_expression(target: object) -> bool:
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
+        return False
+    return torch.Tag.pointwise in target.tags or target.overloadpacket in INDEXING
+
+
+@functools.cache
+def _is_alias_op(target: object) -> bool:
+    if target is operator.getitem:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and target.is_view and target.overloadpacket is not aten.as_strided
+
+
+def _is_alias(node: fx.Node) -> bool:
+    """A view (or a part of a multi-output op): it has no storage of its own."""
+    return _is_alias_op(node.target)
+
+
+def _reads_inline(node: fx.Node) -> bool:
+    """A reader that computes an unstored input inline; any other makes it stored."""
+    return _inlinable(node) or _packet(node) in STORED_READERS
+
+
+@dataclass(frozen=True)
+class _Expression:
+    """What a value's expression holds: the stored values it reads (``aligned``: those
+    read only at the value's own element index), the FX nodes inlined into it, and
+    whether it has an op the CPU would rather not repeat."""
+
+    reads: frozenset[fx.Node]
+    aligned: frozenset[fx.Node]
+    nodes: frozenset[fx.Node]
+    heavy: bool
+
+    @property
+    def ops(self) -> int:
+        """About the ops Inductor counts: one per inlined node and per load."""
+        return len(self.nodes) + len(self.reads)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One graph as Inductor compiles it, as far as memory goes.
+
+    inlined: values computed inside their readers' kernels and never stored.
+    runs_with: for a kernel fused into the kernel of an earlier node, that node: it
+        runs there, allocating its result and reading its inputs there.
+    in_place: for each stored value that a generated kernel computes elementwise,
+        the stored values it reads at its own index with the same dtype and size. If
+        one of them is last read by this kernel, Inductor writes the value over it
+        (``SchedulerNode.decide_inplace_update``, ``config.inplace_buffers``): the
+        two never take memory together.
+    """
+
+    inlined: set[fx.Node]
+    runs_with: dict[fx.Node, fx.Node]
+    in_place: dict[fx.Node, list[fx.Node]]
+
+
+def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
+    """How Inductor compiles the graph running ``nodes`` (in order) and returning
+    ``outputs``. Readers outside ``nodes`` (another graph's) are not looked at."""
+    members = set(nodes)
+    returned = set(outputs)
+    layouts: dict[fx.Node, tuple[int, torch.dtype] | None] = {}
+    inlined: set[fx.Node] = set()
+    expressions: dict[fx.Node, _Expression] = {}
+    kernels: dict[fx.Node, _Expression] = {}  # stored values Inductor generates a kernel for
+    for node in nodes:
+        if _is_alias(node):
+            base = node.args[0]
+            if base in inlined:
+                inlined.add(node)
+                expressions[node] = expressions[base]
+            continue
+        if not _reads_inline(node):
+            continue
+        expression = _expression(node, inlined, expressions, layouts)
+        if _inlinable(node) and not _stored(node, expression, members, returned):
+            inlined.add(node)
+            expressions[node] = expression
+        else:
+            kernels[node] = expression
+    index = {node: i for i, node in enumerate(nodes)}
+    leader = _group_kernels(kernels, index)
+    readers: dict[fx.Node, list[fx.Node]] = {}
+    for node, expression in kernels.items():
+        for value in expression.reads:
+            readers.setdefault(_base(value), []).append(node)
+    for node in kernels:
+        if _kernel_local(node, readers.get(node, []), leader, members, returned, inlined, kernels):
+            inlined.add(node)
+    runs_with = {node: first for node, first in leader.items() if first is not node}
+    return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index))
+
+
+def inlined_values(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> set[fx.Node]:
+    """The values among one graph's running ``nodes`` that Inductor never stores."""
+    return fuse(nodes, outputs).inlined
+
+
+def _kernel_local(
+    node: fx.Node,
+    readers: Sequence[fx.Node],
+    leader: Mapping[fx.Node, fx.Node],
+    members: set[fx.Node],
+    returned: set[fx.Node],
+    inlined: set[fx.Node],
+    kernels: Mapping[fx.Node, _Expression],
+) -> bool:
+    """A stored value that only kernels fused with its own read, and that the graph
+    does not return: the fused kernel keeps it to itself (``remove_kernel_local_buffers``)."""
+    if not (_inlinable(node) or _packet(node) in REDUCTIONS):
+        return False  # scatters write into a copy of their input; cat into its parts
+    if not readers or any(leader[reader] is not leader[node] for reader in readers):
+        return False
+    pending = [node]
+    while pending:  # no view of it is returned or read by an extern kernel
+        value = pending.pop()
+        if value in returned:
+            return False
+        for user in value.users:
+            if user not in members or user in inlined or user in kernels:
+                continue
+            if not _is_alias(user):
+                return False
+            pending.append(user)
+    return True
+
+
+MAX_FUSION_SIZE = 64  # config.max_fusion_size: nodes in one fused kernel
+PAIRWISE_ATTEMPTS = 64  # config.max_fusion_buffer_group_pairwise_attempts
+
+
+def _group_kernels(kernels: Mapping[fx.Node, _Expression], index: Mapping[fx.Node, int]) -> dict[fx.Node, fx.Node]:
+    """Which kernels Inductor fuses into one (``Scheduler.fuse_nodes``), each mapped
+    to the first node of its group, where the fused kernel runs (a fused node takes
+    the place of its earliest part). As Inductor does: pairs of kernels with loops of
+    the same size that touch a common stored value (one reads what the other makes,
+    or both read it) fuse, best first (both reductions or neither, then the most
+    bytes shared, then the closest), unless the fused kernel would exceed
+    ``MAX_FUSION_SIZE`` nodes or need a value made after its place (a cycle)."""
+    touching: dict[fx.Node, list[fx.Node]] = {}  # stored value -> kernels reading or making it
+    needs: dict[fx.Node, set[fx.Node]] = {}
+    for node, expression in kernels.items():
+        needs[node] = {_source(value) for value in expression.reads}
+        for value in needs[node] | {node}:
+            touching.setdefault(value, []).append(node)
+    pairs: set[tuple[fx.Node, fx.Node]] = set()
+    for group in touching.values():
+        for i, first in enumerate(group):
+            pairs.update((first, other) for other in group[i + 1 : i + 1 + PAIRWISE_ATTEMPTS])
+    loops = {node: _loop_size(node) for node in kernels}
+    nbytes: dict[fx.Node, int] = {}
+    ranked = []
+    for a, b in pairs:
+        if loops[a] != loops[b]:
+            continue
+        shared = (needs[a] | {a}) & (needs[b] | {b})
+        score = sum(nbytes[v] if v in nbytes else nbytes.setdefault(v, _storage_bytes(v)) for v in shared)
+        same_kind = (_packet(a) in REDUCTIONS) == (_packet(b) in REDUCTIONS) and score > 0
+        ranked.append((same_kind, score, -abs(index[a] - index[b]), index[a], index[b], a, b))
+    ranked.sort(key=lambda r: r[:5], reverse=True)
+
+    leader = {node: node for node in kernels}  # group of each kernel, named by its first node
+    members = {node: [node] for node in kernels}
+    outside = {node: set(needs[node]) for node in kernels}  # what each group needs from elsewhere
+    for *_, a, b in ranked:
+        first, second = sorted((leader[a], leader[b]), key=index.__getitem__)
+        if first is second or len(members[first]) + len(members[second]) > MAX_FUSION_SIZE:
+            continue
+        fused = set(members[first]) | set(members[second])
+        wanted = (outside[first] | outside[second]) - fused
+        if any(index.get(value, -1) >= index[first] for value in wanted):
+            continue
+        for node in members[second]:
+            leader[node] = first
+        members[first] += members.pop(second)
+        outside[first] = wanted
+        del outside[second]
+    return leader
+
+
+def _storage_bytes(node: fx.Node) -> int:
+    value = node.meta.get("val")
+    return size_hint(value.untyped_storage().nbytes()) if isinstance(value, torch.Tensor) else 0
+
+
+def _loop_size(node: fx.Node) -> int:
+    """Elements a kernel loops over: a reduction its input's, others their output's."""
+    if _packet(node) in REDUCTIONS and node.args and isinstance(node.args[0], fx.Node):
+        return _numel(node.args[0])
+    return _numel(node)
+
+
+def _in_place(
+    kernels: Mapping[fx.Node, _Expression],
+    readers: Mapping[fx.Node, Sequence[fx.Node]],
+    leader: Mapping[fx.Node, fx.Node],
+    index: Mapping[fx.Node, int],
+) -> dict[fx.Node, list[fx.Node]]:
+    """For each pointwise kernel, the inputs it may write over: read at its own index
+    only, and by no other kernel of its fused group but its ancestors (Inductor
+    reuses a buffer only for its one remaining reader, and a sibling in the same
+    fused kernel that reads it too prevents that; earlier kernels are done)."""
+    in_place = {}
+    for node, expression in kernels.items():
+        if not expression.aligned or not _inlinable(node):
+            continue
+        start = index[leader[node]]
+        candidates = [
+            value
+            for value in sorted(expression.aligned, key=lambda value: value.name)
+            if all(
+                other is node or index[leader[other]] < start or _is_ancestor(other, node, index)
+                for other in readers[_base(value)]
+            )
+        ]
+        if candidates:
+            in_place[node] = candidates
+    return in_place
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """The node that computes what a view (or a part of a multi-output op) reads."""
+    while _is_alias(node):
+        node = node.args[0]
+    return node
+
+
+def _base(node: fx.Node) -> fx.Node:
+    """The node whose storage a view reads."""
+    while node.target is not operator.getitem and _is_alias(node):
+        node = node.args[0]
+    return node
+
+
+def _is_ancestor(ancestor: fx.Node, node: fx.Node, index: Mapping[fx.Node, int]) -> bool:
+    """Whether ``node`` depends on ``ancestor`` (only nodes between them are searched)."""
+    if ancestor not in index or node not in index or index[ancestor] >= index[node]:
+        return False
+    floor = index[ancestor]
+    seen: set[fx.Node] = set()
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        for arg in current.all_input_nodes:
+            if arg is ancestor:
+                return True
+            if arg not in seen and index.get(arg, -1) > floor:
+                seen.add(arg)
+                pending.append(arg)
+    return False
+
+
+def _expression(
+    node: fx.Node,
+    inlined: set[fx.Node],
+    expressions: Mapping[fx.Node, _Expression],
+    layouts: dict[fx.Node, tuple[int, torch.dtype] | None],
+) -> _Expression:
+    reads: set[fx.Node] = set()
+    aligned: set[fx.Node] = set()
+    misaligned: set[fx.Node] = set()  # also read at another index (broadcast, transposed)
+    nodes = {node}
+    heavy = _packet(node) in HEAVY_ON_CPU
+    layout = _layout(node, layouts)
+    for arg in node.all_input_nodes:
+        elementwise = layout is not None and _layout(arg, layouts) == layout
+        if arg in inlined:
+            inner = expressions[arg]
+            reads |= inner.reads
+            nodes |= inner.nodes
+            heavy = heavy or inner.heavy
+            if elementwise:
+                aligned |= inner.aligned
+                misaligned |= inner.reads - inner.aligned
+            else:
+                misaligned |= inner.reads
+        else:
+            reads.add(arg)
+            (aligned if elementwise else misaligned).add(arg)
+    return _Expression(frozenset(reads), frozenset(aligned - misaligned), frozenset(nodes), heavy)
+
+
+def _layout(node: fx.Node, known: dict[fx.Node, tuple[int, torch.dtype] | None]) -> tuple[int, torch.dtype] | None:
+    """(elements, dtype) of a contiguous tensor value; None for anything else."""
+    if node in known:
+        return known[node]
+    value = node.meta.get("val")
+    layout = None
+    if isinstance(value, torch.Tensor):
+        expected = 1
+        for size, stride in reversed(list(zip(value.shape, value.stride()))):
+            size = size_hint(size)
+            if size != 1 and size_hint(stride) != expected:
+                break
+            expected *= size
+        else:
+            layout = expected, value.dtype
+    known[node] = layout
+    return layout
+
+
+def _stored(node: fx.Node, expression: _Expression, members: set[fx.Node], returned: set[fx.Node]) -> bool:
+    """Whether Inductor stores ``node``'s value (the rules in the module docstring)."""
+    value = node.meta.get("val")
+    kind = "cpu" if isinstance(value, torch.Tensor) and value.device.type == "cpu" else "other"
+    opcount = REALIZE_OPCOUNT_THRESHOLD[kind]
+    if len(expression.reads) > REALIZE_ACC_READS_THRESHOLD[kind] or (expression.ops > opcount and len(expression.reads) > 1):
+        return True
+    fanout = sum(1 for u in node.users if u in members) > 1
+    if fanout and len(expression.reads) > REALIZE_READS_THRESHOLD:
+        return True
+    if kind == "cpu" and expression.heavy and (fanout or _broadcast(node, members)):
+        return True
+    pending = [node]
+    while pending:  # the value, its views, and their readers
+        value = pending.pop()
+        if value in returned:
+            return True
+        for reader in value.users:
+            if reader not in members:
+                continue
+            if _is_alias(reader):
+                pending.append(reader)
+            elif not _reads_inline(reader):
+                return True
+    return False
+
+
+def _broadcast(node: fx.Node, members: set[fx.Node]) -> bool:
+    """Whether a reader computes more elements than ``node`` has, reading each of its
+    elements many times (Inductor's ``expand`` lowering marks that as reuse)."""
+    numel = _numel(node)
+    return any(u in members and _numel(u) > numel for u in node.users)
+
+
+def _numel(node: fx.Node) -> int:
+    value = node.meta.get("val")
+    return size_hint(value.numel()) if isinstance(value, torch.Tensor) else 0
+
+
+def fused_workspace_bytes(node: fx.Node) -> int:
+    """Scratch of an op in a graph Inductor compiled. On the CPU with oneDNN, Inductor
+    lays out every graph with a convolution channels-last (``decide_layout_opt``), and
+    oneDNN convolves those without reordering them (``workspace_bytes``)."""
+    channels_last = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return workspace_bytes(node, channels_last=channels_last)
+
+
+def read_positions(nodes: Sequence[fx.Node], position: Mapping[fx.Node, int], inlined: Collection[fx.Node]) -> dict[fx.Node, int]:
+    """Where each of one graph's ``nodes`` reads its inputs: a stored value where it
+    runs, an inlined one where the last kernel that computes it inline runs. Its
+    inputs must live until then. ``position``: each node's place in the timeline."""
+    at = dict(position)
+    for node in reversed(nodes):
+        if node in inlined:
+            at[node] = max((at[u] for u in node.users if u in at), default=position[node])
+    return at
