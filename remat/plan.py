@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from remat.cost_models.memory import simulate_step
 from remat.cost_models.runtime import graph_time, make_estimator
-from remat.cost_models.sizes import Size, graph_device, node_tensor, tensor_size, unique_storage_size
+from remat.cost_models.sizes import Size, graph_device, human_bytes, node_tensor, tensor_size, unique_storage_size
 from remat.passes.recompute_rules import is_view
 
 Action = Literal["keep", "recompute"]
@@ -119,20 +119,20 @@ class Plan:
         """A table a person can read: one line per decision, largest first."""
         head = (
             f"remat plan for {self.graph} ({self.partitioner}, inner compiler {self.inner_compiler}): "
-            f"{len(self.kept)} kept ({_human_bytes(self.saved_bytes)} of activations), "
+            f"{len(self.kept)} kept ({human_bytes(self.saved_bytes)} of activations), "
             f"{len(self.recomputed)} recomputed"
         )
         if self.memory is not None:
             head += (
-                f"\n  predicted peak {_human_bytes(self.memory.peak_bytes)} above "
-                f"{_human_bytes(self.memory.resident_bytes)} of parameters and inputs, at {self.memory.peak_at}"
+                f"\n  predicted peak {human_bytes(self.memory.peak_bytes)} above "
+                f"{human_bytes(self.memory.resident_bytes)} of parameters and inputs, at {self.memory.peak_at}"
             )
         if self.fused_memory is not None and self.inner_compiler == "inductor":
-            head += f" (op by op; {_human_bytes(self.fused_memory.peak_bytes)} with Inductor's fusion)"
+            head += f" (op by op; {human_bytes(self.fused_memory.peak_bytes)} with Inductor's fusion)"
         if self.estimated_time_s is not None:
             head += f"\n  estimated step time {self.estimated_time_s * 1e3:.2f} ms ({self.time_estimator})"
         if self.budget_bytes is not None:
-            head += f"\n  memory budget {_human_bytes(self.budget_bytes)} (parameters and inputs included)"
+            head += f"\n  memory budget {human_bytes(self.budget_bytes)} (parameters and inputs included)"
         if self.segments:
             head += f"\n  segments: {'; '.join(self.segments)}"
         if self.fallback_reason:
@@ -173,13 +173,6 @@ def estimate_time(fw_module: fx.GraphModule, bw_module: fx.GraphModule, estimato
     if estimator_name == "roofline":
         label += f", {estimator.profile.name} profile"  # type: ignore[attr-defined]
     return graph_time(fw_module, estimator) + graph_time(bw_module, estimator), label
-
-
-def _human_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 def forward_outputs(fw_module: fx.GraphModule) -> list[Any]:

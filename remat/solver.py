@@ -25,7 +25,7 @@ import torch.fx as fx
 from remat._torch_internals import JointInfo
 from remat.cost_models.devices import available_memory
 from remat.cost_models.runtime import make_estimator
-from remat.cost_models.sizes import graph_device
+from remat.cost_models.sizes import graph_device, human_bytes
 from remat.options import RematOptions, parse_budget
 from remat.passes.budget import (
     KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, Solution, simulate_saved, solve_budget,
@@ -62,16 +62,13 @@ class SaveOnlyOverBudget(InfeasibleBudget):
     def __init__(self, budget: int, plan: Solution, save_only: tuple[str, ...]) -> None:
         super().__init__(budget, plan)
         self.args = (
-            f"memory_budget {_mib(budget)} cannot be met with save_only={list(save_only)!r}: keeping only "
+            f"memory_budget {human_bytes(budget)} cannot be met with save_only={list(save_only)!r}: keeping only "
             f"the values tagged with these names (and what can never be recomputed), the simulated peak "
-            f"is {_mib(plan.peak)} (of which {_mib(plan.timeline.resident_bytes)} are parameters and "
+            f"is {human_bytes(plan.peak)} (of which {human_bytes(plan.timeline.resident_bytes)} are parameters and "
             "inputs). Raise the budget, tag fewer or smaller values, or pass on_infeasible='closest' "
             "to train with this plan anyway",
         )
 
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def fused_model(options: RematOptions) -> bool:

@@ -10,13 +10,12 @@ import torch
 import torch.nn as nn
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import remat
 import remat.partition as partition
 from remat.cost_models.fusion import fuse
-from remat.cost_models.memory import LiveBytes, simulate_order, simulate_step
+from remat.cost_models.memory import simulate_order, simulate_step
 from remat.passes.schedule import complete_saved_set, step_order
 from tests.strategies import ModelSpec, build, make_input, model_specs
 from tests.zoo import make_dynamic
@@ -209,38 +208,6 @@ def test_step_peak_counts_saved_activations_gradients_and_the_loss_head() -> Non
     assert memory.peak_bytes < 3 * params + plan.saved_bytes + 8 * logits
     assert len(memory.positions) == len(memory.live_bytes)
     assert memory.live_bytes[-1] >= params  # every gradient, at the end of the backward
-
-
-intervals = st.lists(
-    st.tuples(st.integers(0, 39), st.integers(0, 39), st.integers(-(2**20), 2**20)), max_size=40
-)
-
-
-@given(
-    base=st.lists(st.integers(0, 2**30), min_size=1, max_size=40),
-    edits=intervals,
-)
-def test_live_bytes_tree_equals_recomputing_from_scratch(base: list[int], edits: list[tuple[int, int, int]]) -> None:
-    tree = LiveBytes(base)
-    expected = list(base)
-    for a, b, nbytes in edits:
-        start, end = sorted((a % len(base), b % len(base)))
-        tree.add(start, end, nbytes)
-        for i in range(start, end + 1):
-            expected[i] += nbytes
-        assert tree.peak() == max(expected)
-        assert tree.peak_position() == expected.index(max(expected))
-    assert tree.values() == expected
-
-
-def test_live_bytes_rejects_intervals_outside_the_timeline() -> None:
-    tree = LiveBytes([0, 1, 2])
-    try:
-        tree.add(1, 3, 5)
-    except IndexError as error:
-        assert "0..2" in str(error)
-    else:
-        raise AssertionError("an interval past the end was accepted")
 
 
 def test_ten_thousand_node_graph_simulates_in_under_half_a_second() -> None:

@@ -156,7 +156,7 @@ def test_budgets_are_honored_and_monotone_in_simulation(inner_compiler: str) -> 
 def test_infeasible_budget_says_the_lowest_peak_or_uses_it() -> None:
     case = small_gpt()
     model = WithLoss(case.model, case.loss_fn)
-    with pytest.raises(Exception, match=r"memory_budget 1\.0 MiB cannot be met: the lowest simulated peak .* is [0-9.]+ MiB"):
+    with pytest.raises(Exception, match=r"memory_budget 1\.00 MiB cannot be met: the lowest simulated peak .* is [0-9.]+ [KM]iB"):
         remat.plan(model, *case.inputs, memory_budget="1MiB", on_plan_failure="raise")
     with pytest.warns(RematBudgetWarning, match="on_infeasible='closest'"):
         plan = remat.plan(model, *case.inputs, memory_budget="1MiB", on_infeasible="closest")

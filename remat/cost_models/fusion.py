@@ -222,11 +222,6 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
     return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index))
 
 
-def inlined_values(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> set[fx.Node]:
-    """The values among one graph's running ``nodes`` that Inductor never stores."""
-    return fuse(nodes, outputs).inlined
-
-
 def _kernel_local(
     node: fx.Node,
     readers: Sequence[fx.Node],

@@ -21,15 +21,13 @@ is checked against it, so it models what the runtime really does:
   the last time needs no new storage; convolutions need no reordering scratch.
 
 Each storage becomes an interval of timeline positions; the live bytes are their sum.
-A full simulation is linear in the graph size (a difference array). ``LiveBytes``
-keeps the same sums in a segment tree so a solver can add or remove intervals, that
-is, try another plan, in O(log n) each and read the new peak at once.
+A full simulation is linear in the graph size (a difference array).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -344,68 +342,3 @@ def _sum_intervals(intervals: Iterable[Interval], length: int) -> list[int]:
         delta[interval.start] += interval.nbytes
         delta[interval.end + 1] -= interval.nbytes
     return list(itertools.accumulate(delta[:length]))
-
-
-class LiveBytes:
-    """Live bytes per position under interval additions, with the peak always at hand.
-
-    A segment tree where each node holds the additions covering its whole range and the
-    largest sum below it: ``add`` is O(log n), ``peak`` O(1), ``peak_position`` O(log n).
-    """
-
-    def __init__(self, live_bytes: Sequence[int]) -> None:
-        self.length = len(live_bytes)
-        self.size = 1 << max(self.length - 1, 0).bit_length()
-        # padding leaves hold -inf, so they never peak; no addition ever reaches them
-        self._add: list[float] = [0] * (2 * self.size)
-        self._max: list[float] = [0] * (2 * self.size)
-        for i in range(self.size):
-            value = live_bytes[i] if i < self.length else float("-inf")
-            self._add[self.size + i] = self._max[self.size + i] = value
-        for i in range(self.size - 1, 0, -1):
-            self._max[i] = max(self._max[2 * i], self._max[2 * i + 1])
-
-    def add(self, start: int, end: int, nbytes: int) -> None:
-        """Add ``nbytes`` to positions ``start..end`` inclusive (negative to remove)."""
-        if not 0 <= start <= end < self.length:
-            raise IndexError(f"interval {start}..{end} is outside the timeline 0..{self.length - 1}")
-        lo, hi = start + self.size, end + self.size + 1
-        first, final = lo, hi - 1
-        while lo < hi:
-            if lo & 1:
-                self._add[lo] += nbytes
-                self._max[lo] += nbytes
-                lo += 1
-            if hi & 1:
-                hi -= 1
-                self._add[hi] += nbytes
-                self._max[hi] += nbytes
-            lo >>= 1
-            hi >>= 1
-        for leaf in (first, final):
-            i = leaf >> 1
-            while i:
-                self._max[i] = self._add[i] + max(self._max[2 * i], self._max[2 * i + 1])
-                i >>= 1
-
-    def peak(self) -> int:
-        return int(self._max[1]) if self.length else 0
-
-    def peak_position(self) -> int:
-        """The first position where the live bytes reach the peak."""
-        i, target = 1, self._max[1]
-        while i < self.size:
-            target -= self._add[i]
-            i = 2 * i if self._max[2 * i] == target else 2 * i + 1
-        return i - self.size
-
-    def values(self) -> list[int]:
-        """Every position's live bytes (O(n log n); for checks and plots)."""
-        out = []
-        for leaf in range(self.size, self.size + self.length):
-            total, i = 0, leaf
-            while i:
-                total += self._add[i]
-                i >>= 1
-            out.append(int(total))
-        return out

@@ -89,3 +89,11 @@ def unique_storage_size(nodes: Sequence[fx.Node], exclude: Sequence[fx.Node] = (
         if ref not in excluded:
             seen[ref] = storage_size(value)
     return Size(sympy.Add(*(size.expr for size in seen.values())), sum(size.hint for size in seen.values()))
+
+
+def human_bytes(n: float) -> str:
+    """Bytes for messages: in the largest binary unit under ``n`` (``"1.50 MiB"``)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"

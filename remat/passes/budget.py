@@ -35,7 +35,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from remat._torch_internals import JointInfo, is_primal, storage_key
 from remat.cost_models.memory import MemoryTimeline, simulate_order
-from remat.cost_models.sizes import storage_size, tensors_in
+from remat.cost_models.sizes import human_bytes, storage_size, tensors_in
 from remat.passes.recompute_rules import ban_reason, heavy_reason, is_heavy, is_view, source_op
 from remat.passes.remat import cheapest_saved
 from remat.passes.schedule import StepOrder, complete_saved_set, recomputed_nodes, step_order
@@ -105,15 +105,12 @@ class InfeasibleBudget(ValueError):
         self.budget = budget
         self.lowest = lowest
         super().__init__(
-            f"memory_budget {_mib(budget)} cannot be met: the lowest simulated peak remat can reach for "
-            f"this graph is {_mib(lowest.peak)} (of which {_mib(lowest.timeline.resident_bytes)} are "
+            f"memory_budget {human_bytes(budget)} cannot be met: the lowest simulated peak remat can reach for "
+            f"this graph is {human_bytes(lowest.peak)} (of which {human_bytes(lowest.timeline.resident_bytes)} are "
             "parameters and inputs). Raise the budget to at least that, or pass "
             "on_infeasible='closest' to train with the lowest-memory plan"
         )
 
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 class BudgetProblem:
@@ -154,6 +151,7 @@ class BudgetProblem:
         }
         self._resident_keys = set(resident)
         self._storage_cache: dict[fx.Node, dict[int, int]] = {}
+        self._simulated: dict[tuple[Group, ...], Solution] = {}
         self.resident = sum(resident.values())
         self._pieces: dict[tuple[int, str], list[fx.Node]] = {}
         self._solve_pieces()
@@ -200,9 +198,14 @@ class BudgetProblem:
         return complete_saved_set(self.graph, chosen, self.num_fwd_outputs, set(self.banned))
 
     def simulate(self, groups: Sequence[Group]) -> Solution:
-        solution = simulate_saved(self.graph, self.saved_values(groups), self.num_fwd_outputs, self.seconds, self.fused)
-        solution.groups = list(groups)
-        return solution
+        """The plan of ``groups``, simulated once (calibration, the budget's fraction
+        and the search ask for some plans more than once)."""
+        key = tuple(groups)
+        if key not in self._simulated:
+            solution = simulate_saved(self.graph, self.saved_values(groups), self.num_fwd_outputs, self.seconds, self.fused)
+            solution.groups = list(groups)
+            self._simulated[key] = solution
+        return self._simulated[key]
 
     # --- the peak model ------------------------------------------------------
 
