@@ -126,17 +126,23 @@ def _policy_groups(options: RematOptions, segments: int) -> tuple[tuple[str, ...
     return modes, list(range(0, segments, size))
 
 
-def resolve_budget(options: RematOptions, problem: BudgetProblem, device: torch.device) -> int | None:
-    """The budget in bytes of the whole step (resident bytes included)."""
+def resolve_budget(
+    options: RematOptions, resident: int, save_peak: Callable[[], int], device: torch.device
+) -> int | None:
+    """The budget in bytes of the whole step (resident bytes included). ``save_peak``:
+    the simulated peak with nothing recomputed, asked for only by a fraction."""
     if options.memory_budget is None:
         return None
     kind, value = parse_budget(options.memory_budget)
     if kind == "bytes":
         return int(value)
     if kind == "fraction":
-        top = problem.simulate([Group(i, i, "save") for i in range(len(problem.segments))])
-        return int(value * top.peak)
-    return int(AUTO_MARGIN * available_memory(device)) + problem.resident
+        return int(value * save_peak())
+    return int(AUTO_MARGIN * available_memory(device)) + resident
+
+
+def _save_everything_peak(problem: BudgetProblem) -> int:
+    return problem.simulate([Group(i, i, "save") for i in range(len(problem.segments))]).peak
 
 
 def choose_saved(
@@ -156,7 +162,7 @@ def choose_saved(
         modes=modes, never_recompute=never, group_starts=starts, segments=segments, fused=fused_model(options),
     )
     _warn_unmatched(options, matched, graph_name)
-    budget = resolve_budget(options, problem, device)
+    budget = resolve_budget(options, problem.resident, lambda: _save_everything_peak(problem), device)
     try:
         solution = solve_budget(problem, budget if budget is not None else int(UNBOUNDED))
     except InfeasibleBudget as error:
@@ -211,10 +217,13 @@ def _choose_tagged(
     plan = simulate_saved(graph, saved, num_fwd_outputs, estimator, fused_model(options))
     budget = None
     if options.memory_budget is not None:
-        problem = BudgetProblem(
-            graph, info, num_fwd_outputs, estimator, modes=("save",), never_recompute=never, fused=fused_model(options)
-        )
-        budget = resolve_budget(options, problem, device)
+        def save_peak() -> int:
+            problem = BudgetProblem(
+                graph, info, num_fwd_outputs, estimator, modes=("save",), never_recompute=never, fused=fused_model(options)
+            )
+            return _save_everything_peak(problem)
+
+        budget = resolve_budget(options, plan.timeline.resident_bytes, save_peak, device)
         if plan.peak > budget:
             error = SaveOnlyOverBudget(budget, plan, options.save_only)
             if options.on_infeasible == "raise":

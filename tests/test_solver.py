@@ -130,6 +130,13 @@ def test_dynamic_program_within_3_percent_of_the_ilp(name: str, captured: dict[s
     assert checked >= 5
 
 
+def test_dynamic_program_answers_a_tiny_budget_at_once(captured: dict[str, Any]) -> None:
+    """Its table grows with kept bytes over the budget: a budget of one byte must say
+    "nothing fits" without allocating a table for it."""
+    problem = problem_for("gpt", captured)
+    assert solve_dp(problem, 1.0) is None
+
+
 def plan_peak(plan: remat.Plan) -> int:
     """The simulated peak the budget bounds: of the step as the plan's inner compiler runs it."""
     memory = plan.fused_memory if plan.inner_compiler == "inductor" else plan.memory

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import inductor_fallback_random, size_hint
+from remat._torch_internals import inductor_fallback_random, is_builtin_op, is_op_overload, size_hint
 from remat.cost_models.workspace import workspace_bytes
 
 aten = torch.ops.aten
@@ -115,7 +115,7 @@ STORED_READERS = REDUCTIONS | frozenset(
 
 def _packet(node: fx.Node) -> object:
     target = node.target
-    return target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
+    return target.overloadpacket if is_op_overload(target) else target
 
 
 def _inlinable(node: fx.Node) -> bool:
@@ -127,7 +127,7 @@ def _inlinable(node: fx.Node) -> bool:
 
 @functools.cache
 def _lowered_to_expression(target: object) -> bool:
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
+    if not is_builtin_op(target):
         return False
     return torch.Tag.pointwise in target.tags or target.overloadpacket in INDEXING
 
@@ -136,7 +136,7 @@ def _lowered_to_expression(target: object) -> bool:
 def _is_alias_op(target: object) -> bool:
     if target is operator.getitem:
         return True
-    return isinstance(target, torch._ops.OpOverload) and target.is_view and target.overloadpacket is not aten.as_strided
+    return is_op_overload(target) and target.is_view and target.overloadpacket is not aten.as_strided
 
 
 def _is_alias(node: fx.Node) -> bool:
@@ -466,8 +466,10 @@ def _numel(node: fx.Node) -> int:
 
 def fused_workspace_bytes(node: fx.Node) -> int:
     """Scratch of an op in a graph Inductor compiled. On the CPU with oneDNN, Inductor
-    lays out every graph with a convolution channels-last (``decide_layout_opt``), and
-    oneDNN convolves those without reordering them (``workspace_bytes``)."""
+    lays out graphs with convolutions channels-last (``decide_layout_opt``), and
+    oneDNN convolves those without reordering them (``workspace_bytes``). The cases
+    where ``decide_layout_opt`` keeps the default layout (some grouped, transposed or
+    narrow convolutions) are not modelled: there the scratch is underestimated."""
     channels_last = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
     return workspace_bytes(node, channels_last=channels_last)
 

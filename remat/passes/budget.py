@@ -44,6 +44,7 @@ from remat.passes.segments import Segment, find_segments, remap
 KEEP_MODES = ("save", "mincut", "heavy")
 RECOMPUTE = "recompute"
 BUCKETS = 2048
+MAX_BUCKETS = 8 * BUCKETS
 CORRECTIONS = 8
 BISECTIONS = 10
 
@@ -354,12 +355,13 @@ class BudgetProblem:
 
 
 def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
-    """Least total recompute time whose modelled peak (above resident bytes) fits
-    ``budget``: a dynamic program over the chain. Its state is the bytes kept so far,
-    in buckets of ``budget / BUCKETS`` (kept bytes may pass the budget where later
-    segments peak lower, as the last ones do in the backward); each bucket holds the
-    fastest partial plan that reaches it and that plan's exact bytes, so every check is
-    exact. None if nothing fits."""
+    """The least total recompute time whose modelled peak (above resident bytes) fits
+    ``budget``, up to the bucketing: a dynamic program over the chain. Its state is
+    the bytes kept so far, in buckets of ``budget / BUCKETS`` (kept bytes may pass the
+    budget where later segments peak lower, as the last ones do in the backward);
+    each bucket holds the fastest partial plan that reaches it and that plan's exact
+    bytes, so every fit is checked exactly, though a slower plan with fewer bytes in
+    the same bucket is dropped. None if nothing fits."""
     count = len(problem.segments)
     if budget <= 0:
         return None
@@ -367,9 +369,13 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     by_start: dict[int, list[int]] = {}
     for index, cost in enumerate(costs):
         by_start.setdefault(cost.group.first, []).append(index)
+    first = by_start.get(0, [])
+    if not first or min(costs[j].top for j in first) > budget:
+        return None  # not even the first group fits
     most_kept = sum(max(costs[j].kept for j in by_start[i]) for i in by_start)
     unit = budget / BUCKETS
-    size = int(max(budget, most_kept) / unit) + 2
+    # kept bytes past the budget get buckets too, up to MAX_BUCKETS (the rest share the last)
+    size = min(int(max(budget, most_kept) / unit) + 2, MAX_BUCKETS)
     seconds = np.full((count + 1, size), np.inf)
     kept = np.zeros((count + 1, size))
     came_from = np.full((count + 1, size, 2), -1, dtype=np.int64)  # (cost index, source bucket)
