@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import inductor_fallback_random, is_builtin_op, is_op_overload, size_hint
+from remat.cost_models.sizes import storage_bytes
 from remat.cost_models.workspace import workspace_bytes
 
 aten = torch.ops.aten
@@ -280,7 +281,7 @@ def _group_kernels(kernels: Mapping[fx.Node, _Expression], index: Mapping[fx.Nod
         if loops[a] != loops[b]:
             continue
         shared = (needs[a] | {a}) & (needs[b] | {b})
-        score = sum(nbytes[v] if v in nbytes else nbytes.setdefault(v, _storage_bytes(v)) for v in shared)
+        score = sum(nbytes[v] if v in nbytes else nbytes.setdefault(v, _value_bytes(v)) for v in shared)
         same_kind = (_packet(a) in REDUCTIONS) == (_packet(b) in REDUCTIONS) and score > 0
         ranked.append((same_kind, score, -abs(index[a] - index[b]), index[a], index[b], a, b))
     ranked.sort(key=lambda r: r[:5], reverse=True)
@@ -304,9 +305,9 @@ def _group_kernels(kernels: Mapping[fx.Node, _Expression], index: Mapping[fx.Nod
     return leader
 
 
-def _storage_bytes(node: fx.Node) -> int:
+def _value_bytes(node: fx.Node) -> int:
     value = node.meta.get("val")
-    return size_hint(value.untyped_storage().nbytes()) if isinstance(value, torch.Tensor) else 0
+    return storage_bytes(value) if isinstance(value, torch.Tensor) else 0
 
 
 def _loop_size(node: fx.Node) -> int:

@@ -30,12 +30,11 @@ import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
-from remat._torch_internals import is_primal, is_tangent, size_hint, storage_key
+from remat._torch_internals import is_primal, is_tangent, storage_key
 from remat.cost_models.fusion import Fusion, fuse, fused_workspace_bytes, read_positions
-from remat.cost_models.sizes import leaves, tensors_in
+from remat.cost_models.sizes import leaves, storage_bytes, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 from remat.passes.schedule import StepOrder
 
@@ -110,7 +109,7 @@ def simulate_step(
     resident: dict[int, int] = {}
     for node in forward.find_nodes(op="placeholder"):
         for tensor in tensors_in(node.meta.get("val")):
-            resident[storage_key(tensor)] = _storage_bytes(tensor)
+            resident[storage_key(tensor)] = storage_bytes(tensor)
 
     # Storages are told apart by graph: the backward's recomputed ops carry the fake
     # tensors of the forward ops they repeat, but allocate anew. Only the backward's
@@ -149,7 +148,7 @@ def simulate_step(
                 key = (index - 1, ref) if index and ref in handed_over else (index, ref)
                 storage = storages.get(key)
                 if storage is None:
-                    storages[key] = _Storage(node.name, _storage_bytes(tensor), born, dies)
+                    storages[key] = _Storage(node.name, storage_bytes(tensor), born, dies)
                 else:
                     storage.end = max(storage.end, dies)
         graph_start = graph_end + 1
@@ -206,7 +205,7 @@ def simulate_order(order: StepOrder, fused: bool = False) -> MemoryTimeline:
     for node in order.forward[0].graph.find_nodes(op="placeholder") if order.forward else []:
         if is_primal(node):
             for tensor in tensors_in(node.meta.get("val")):
-                resident[storage_key(tensor)] = _storage_bytes(tensor)
+                resident[storage_key(tensor)] = storage_bytes(tensor)
         else:
             inputs.append(node)  # tangents: handed to the backward by autograd
 
@@ -221,7 +220,7 @@ def simulate_order(order: StepOrder, fused: bool = False) -> MemoryTimeline:
             key = (0, ref) if phase == 0 or ref in handed_over else (1, ref)
             storage = storages.get(key)
             if storage is None:
-                storages[key] = _Storage(node.name, _storage_bytes(tensor), born, dies)
+                storages[key] = _Storage(node.name, storage_bytes(tensor), born, dies)
             else:
                 storage.start = min(storage.start, born)
                 storage.end = max(storage.end, dies)
@@ -329,10 +328,6 @@ def _keep_forward_outputs_to_end(
         for tensor in tensors_in(value.meta.get("val")):
             if (0, key := storage_key(tensor)) in storages:
                 storages[0, key].end = last
-
-
-def _storage_bytes(tensor: torch.Tensor) -> int:
-    return size_hint(tensor.untyped_storage().nbytes())
 
 
 def _sum_intervals(intervals: Iterable[Interval], length: int) -> list[int]:

@@ -46,6 +46,11 @@ def storage_size(value: torch.Tensor) -> Size:
     return as_size(value.untyped_storage().nbytes())
 
 
+def storage_bytes(value: torch.Tensor) -> int:
+    """``storage_size`` as a plain int (its hint): for the simulator's hot loops."""
+    return size_hint(value.untyped_storage().nbytes())
+
+
 def node_tensor(node: fx.Node) -> torch.Tensor | None:
     """The (fake) tensor a node produces, or None for non-tensor nodes."""
     value = node.meta.get("val")
