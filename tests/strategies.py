@@ -17,7 +17,9 @@ rank) and norms on the channel dimension (LayerNorm on the last one).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import math
 from typing import Any, Union
 
@@ -25,6 +27,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+import remat
 from remat.options import POLICIES
 
 MAX_WIDTH = 32
@@ -82,7 +85,15 @@ class Dropout:
     residual: bool = False
 
 
-Layer = Union[Linear, Conv, Norm, Act, View, Dropout]
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    name: str  # remat.tag(x, name): a value that save_only may name
+    residual: bool = False
+
+
+TAG_NAMES = ("a", "b")
+
+Layer = Union[Linear, Conv, Norm, Act, View, Dropout, Tag]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +132,7 @@ def _divisors(n: int) -> list[int]:
 @st.composite
 def layer_specs(draw: st.DrawFn, shape: tuple[int, ...]) -> Layer:
     """One layer that is valid for an input of ``shape``."""
-    kinds = ["linear", "norm", "act", "view", "dropout"]
+    kinds = ["linear", "norm", "act", "view", "dropout", "tag"]
     if len(shape) in (3, 4):
         kinds.append("conv")
     kind = draw(st.sampled_from(kinds))
@@ -150,6 +161,8 @@ def layer_specs(draw: st.DrawFn, shape: tuple[int, ...]) -> Layer:
         layer = Act(fn=draw(st.sampled_from(["relu", "gelu", "silu", "tanh"])))
     elif kind == "view":
         layer = View(kind=draw(st.sampled_from(["flatten", "transpose", "unflatten"])))
+    elif kind == "tag":
+        layer = Tag(name=draw(st.sampled_from(TAG_NAMES)))
     else:
         layer = Dropout(p=draw(st.sampled_from([0.5, 0.1, 0.0])))
     if output_shape(layer, shape) == shape and draw(st.booleans()):
@@ -191,7 +204,8 @@ def remat_options(
 ) -> dict[str, Any]:
     """Valid options for the remat backend. By default mostly the (fast) eager inner
     compiler; half the time a memory budget (a fraction, so it scales with the model;
-    infeasible ones use the closest plan) and/or a checkpoint policy."""
+    infeasible ones use the closest plan); a checkpoint policy or ``save_only`` (names
+    that ``Tag`` layers may or may not carry); sometimes ``exclude``."""
     options: dict[str, Any] = {
         "inner_compiler": draw(st.sampled_from(inner_compilers)),
         "on_plan_failure": draw(st.sampled_from(["raise", "warn"])),
@@ -200,14 +214,27 @@ def remat_options(
         options["memory_budget"] = draw(st.floats(0.05, 1.0))
         options["on_infeasible"] = "closest"
     policy = draw(st.sampled_from([None, None, *POLICIES]))
-    if policy is not None:
+    if draw(st.integers(0, 3)) == 0:  # save_only excludes a policy
+        options["save_only"] = draw(st.lists(st.sampled_from([*TAG_NAMES, "untagged"]), min_size=1, max_size=2, unique=True))
+    elif policy is not None:
         options["policy"] = policy
         if policy == "every_n":
             options["every_n"] = draw(st.integers(1, 4))
+    if draw(st.integers(0, 3)) == 0:
+        options["exclude"] = [draw(st.sampled_from(["body.0", "head", "nothing"]))]
     return options
 
 
 # --- the builder -----------------------------------------------------------------
+
+
+class Tagged(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return remat.tag(x, self.name)
 
 
 class Residual(nn.Module):
@@ -266,6 +293,8 @@ def _build_layer(layer: Layer, shape: tuple[int, ...]) -> nn.Module:
         module = _ACTS[layer.fn]()
     elif isinstance(layer, View):
         module = RoundTrip(layer.kind)
+    elif isinstance(layer, Tag):
+        module = Tagged(layer.name)
     else:
         module = nn.Dropout(layer.p)
     return Residual(module) if layer.residual else module
@@ -287,6 +316,37 @@ def build(spec: ModelSpec) -> Model:
                 module.weight.normal_(1.0, 0.5)
                 module.bias.normal_(0.0, 0.5)
     return model.train()
+
+
+def _batch_norm_by_formula(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Training-mode BatchNorm from its definition, running statistics included.
+
+    The float64 reference must not share a bug with the eager kernel it judges:
+    ATen's CPU ``native_batch_norm_backward`` returns wrong weight and bias gradients
+    when the incoming gradient is channels-last-strided and the input is not (seen on a
+    (1, C, 1, W) activation behind a transpose round trip and a linear layer)."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    mean = x.mean(dims)
+    var = x.var(dims, correction=0)
+    count = x.numel() // x.shape[1]
+    with torch.no_grad():
+        momentum = module.momentum
+        module.running_mean.mul_(1 - momentum).add_(momentum * mean)
+        module.running_var.mul_(1 - momentum).add_(momentum * var * count / (count - 1))
+        module.num_batches_tracked.add_(1)
+    normalized = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+    return normalized * module.weight.view(shape) + module.bias.view(shape)
+
+
+def float64_reference(model: Model) -> Model:
+    """A float64 copy of ``model`` whose BatchNorms compute from the formula (see
+    ``_batch_norm_by_formula``); every other layer runs ATen's float64 kernels."""
+    reference = copy.deepcopy(model).double()
+    for module in reference.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.forward = functools.partial(_batch_norm_by_formula, module)
+    return reference
 
 
 def make_input(spec: ModelSpec) -> torch.Tensor:

@@ -99,6 +99,23 @@ def test_schedule_model_equals_the_extracted_graphs(name: str, captured: dict[st
     assert modelled.resident_bytes == real.resident_bytes
 
 
+def test_a_saved_tuple_op_is_saved_as_the_getitems_the_backward_reads(captured: dict[str, Any]) -> None:
+    """Found by hypothesis: a budget plan kept BatchNorm's ``var_mean`` (a tuple) whole,
+    and AOTAutograd refused the forward ("expected all tensors_saved_with_vc_check to
+    be Tensors"). A saved set naming a tuple op must save its getitems instead."""
+    model = WithLoss(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1)), torch.sum)
+    remat.plan(model, torch.randn(4, 8), on_plan_failure="raise")
+    graph, n = captured["graph"], captured["n"]
+    (var_mean,) = graph.find_nodes(op="call_function", target=torch.ops.aten.var_mean.correction)
+    saved = complete_saved_set(graph, [*captured["saved"], var_mean], n, set())
+    assert var_mean not in saved
+    assert not [node for node in saved if isinstance(node.meta.get("val"), (tuple, list))]
+    # each getitem of it the backward reads is saved, not recomputed from the tuple
+    order = step_order(graph, saved, n)
+    assert var_mean not in order.backward
+    assert set(var_mean.users) & set(saved)
+
+
 def test_repeated_layers_share_a_signature(captured: dict[str, Any]) -> None:
     found = plan_case("gpt", captured)
     segments = find_segments(found["graph"], found["info"])

@@ -77,7 +77,10 @@ def complete_saved_set(
     """``saved`` plus what the backward cannot recompute on its own: the graph inputs
     and symbolic sizes it reads, and values in ``must_save`` (random ops, ops with
     side effects) that a recomputation would reach. Any saved set becomes valid."""
-    chosen = {_part_read(n, n) for n in saved}
+    saved = list(saved)
+    # A tuple-valued op cannot be saved whole: the getitems the backward reads are.
+    whole = {n for n in saved if _is_tuple(n)}
+    chosen = {n for n in saved if n not in whole}
     _, gradients = graph_outputs(joint, num_fwd_outputs)
     tangents = {n for n in joint.find_nodes(op="placeholder") if is_tangent(n)}
     pending = [(g, g) for g in gradients]
@@ -87,7 +90,7 @@ def complete_saved_set(
         if node in chosen or node in tangents:
             continue
         value = node.meta.get("val")
-        if node.op == "placeholder" or node in must_save or isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        if node.op == "placeholder" or node in must_save or node in whole or isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             chosen.add(_part_read(node, reader))  # per reader: each getitem of a tuple op
             continue
         if node in seen:
@@ -98,11 +101,13 @@ def complete_saved_set(
     return sorted(chosen, key=order.__getitem__)
 
 
+def _is_tuple(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (tuple, list))
+
+
 def _part_read(node: fx.Node, reader: fx.Node) -> fx.Node:
     """A tuple-valued op cannot be saved whole: its reader (a getitem) is saved."""
-    if isinstance(node.meta.get("val"), (tuple, list)) and reader is not node:
-        return reader
-    return node
+    return reader if _is_tuple(node) and reader is not node else node
 
 
 def step_order(joint: fx.Graph, saved: Sequence[fx.Node], num_fwd_outputs: int) -> StepOrder:
