@@ -11,6 +11,8 @@
     torch.compile(model, backend="remat", options={"save_only": ["attn_out"]})
 """
 
+from typing import Any
+
 from remat.backend import compile, remat_backend
 from remat.options import RematOptions
 from remat.partition import RematFallbackWarning
@@ -21,6 +23,16 @@ from remat.solver import RematBudgetWarning
 from remat.tags import tag
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``remat.report`` draws with matplotlib: imported on first use, not with remat."""
+    if name == "report":
+        import importlib
+
+        return importlib.import_module("remat.report")
+    raise AttributeError(f"module 'remat' has no attribute {name!r}")
+
 
 __all__ = [
     "Decision",

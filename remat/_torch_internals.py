@@ -117,6 +117,18 @@ def pytorch_default_partition(
     )
 
 
+def pytorch_budget_partitioner(budget: float) -> PartitionFn:
+    """PyTorch's default partition under ``torch._functorch.config.activation_memory_budget``
+    (a fraction of the bytes its own plan saves: 1.0 is the default plan, 0.0 recomputes
+    all it can), as ``torch.compile`` makes it with that setting."""
+
+    def partition(joint_module: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return pytorch_default_partition(joint_module, joint_inputs, **kwargs)
+
+    return partition
+
+
 def is_primal(node: fx.Node) -> bool:
     return _is_primal(node)
 

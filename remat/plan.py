@@ -20,6 +20,7 @@ from remat.cost_models.memory import simulate_step
 from remat.cost_models.runtime import graph_time, make_estimator
 from remat.cost_models.sizes import Size, graph_device, human_bytes, node_tensor, tensor_size, unique_storage_size
 from remat.passes.recompute_rules import is_view
+from remat.solver import module_path
 
 Action = Literal["keep", "recompute"]
 
@@ -36,6 +37,10 @@ class Decision:
     bytes_expr: str
     action: Action
     reason: str
+    module: str = ""  # innermost module that made it (``blocks.0.attn``), "" for the top level
+
+
+VIEW_REASON = "view: free to recompute"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,12 @@ class Plan:
                 + ", ".join(f"{name} ({source})" for name, source in self.symbols.items())
             )
         return int(parsed.subs({sympy.Symbol(k): int(v) for k, v in sizes.items()}))
+
+    @property
+    def step_memory(self) -> MemoryPrediction | None:
+        """The prediction a ``memory_budget`` is checked against: the two graphs as the
+        inner compiler runs them (Inductor's fused kernels, or op by op)."""
+        return self.fused_memory if self.inner_compiler == "inductor" else self.memory
 
     @property
     def kept(self) -> list[Decision]:
@@ -213,7 +224,14 @@ def _decision(node: fx.Node, action: Action, reason: str) -> Decision | None:
         bytes_expr=str(size.expr),
         action=action,
         reason=reason,
+        module=_module(node),
     )
+
+
+def _module(node: fx.Node) -> str:
+    """The qualified name of the innermost module whose forward made ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return module_path(next(reversed(stack.values()))[0]) if stack else ""
 
 
 def decisions_from_graphs(
@@ -235,6 +253,6 @@ def decisions_from_graphs(
     forward_ops = {n.name for n in fw_module.graph.nodes if n.op == "call_function"}
     for node in bw_module.graph.nodes:
         if node.op == "call_function" and node.name in forward_ops:
-            reason = "view: free to recompute" if is_view(node) else "recomputed in the backward from kept values"
+            reason = VIEW_REASON if is_view(node) else "recomputed in the backward from kept values"
             decisions.append(_decision(node, "recompute", reason))
     return [d for d in decisions if d is not None]
