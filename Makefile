@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test test-slow demo bench predict budget-sweep solver-sweep clean
+.PHONY: test test-slow demo bench predict budget-sweep solver-sweep gradcache-bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ budget-sweep: $(STAMP)
 # The solver in simulation: budgets, policies and solve times (benchmarks/results/solver_sweep.md).
 solver-sweep: $(STAMP)
 	$(PY) -m benchmarks.solver_sweep
+
+# GradCache on a small transformer encoder: peak at batch 64 and 1024 (chunk 32) and the
+# step-time overhead (a few minutes); writes benchmarks/results/gradcache.md and gradcache.json.
+gradcache-bench: $(STAMP)
+	$(PY) -m benchmarks.gradcache
 
 clean:
 	rm -rf $(VENV) build *.egg-info

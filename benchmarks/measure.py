@@ -307,20 +307,28 @@ class MeasurementError(RuntimeError):
 
 def run_worker(job: Job, timeout_s: float = 900.0) -> dict[str, Any]:
     """Run ``job`` in a fresh interpreter and return the JSON line it prints."""
+    return fresh_process(
+        "benchmarks.measure", job.to_json(), job.metric, f"strategy {job.strategy!r}", timeout_s
+    )
+
+
+def fresh_process(module: str, payload: str, metric: Metric, what: str, timeout_s: float = 900.0) -> dict[str, Any]:
+    """Run ``python -m module --worker payload`` in a fresh interpreter, with the allocator
+    setting ``metric`` needs (DESIGN.md "Measuring"), and return the JSON line it prints.
+    ``what`` names the worker in the error if it fails."""
     env = dict(os.environ)
-    if job.metric == "peak":
+    if metric == "peak":
         env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    command = [sys.executable, "-m", "benchmarks.measure", "--worker", job.to_json()]
+    command = [sys.executable, "-m", module, "--worker", payload]
     result = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
     )
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         raise MeasurementError(
-            f"{job.metric} worker for strategy {job.strategy!r} exited with {result.returncode}:\n"
-            f"{result.stderr[-4000:]}"
+            f"{metric} worker for {what} exited with {result.returncode}:\n{result.stderr[-4000:]}"
         )
     return json.loads(lines[-1])
 

@@ -14,6 +14,7 @@
 from typing import Any
 
 from remat.backend import compile, remat_backend
+from remat.gradcache import CLIPLoss, GradCache, InfoNCE, cached, cat_input_tensor
 from remat.options import RematOptions
 from remat.partition import RematFallbackWarning
 from remat.plan import Decision, MemoryPrediction, Plan
@@ -35,6 +36,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CLIPLoss",
+    "GradCache",
+    "InfoNCE",
+    "cached",
+    "cat_input_tensor",
     "Decision",
     "MemoryPrediction",
     "Plan",

@@ -129,6 +129,13 @@ def pytorch_budget_partitioner(budget: float) -> PartitionFn:
     return partition
 
 
+def mark_batch_dynamic(tensor: torch.Tensor) -> None:
+    """Ask Dynamo to compile ``tensor``'s first dimension as a symbol, so that batches of
+    other sizes (a ragged last chunk) reuse the graph instead of recompiling. A hint:
+    Dynamo still specializes where the model needs a fixed size (or the size is 0 or 1)."""
+    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+
 def is_primal(node: fx.Node) -> bool:
     return _is_primal(node)
 
