@@ -125,6 +125,18 @@ def test_repeated_layers_share_a_signature(captured: dict[str, Any]) -> None:
     assert repeated, "the 4 identical blocks should give segments with equal signatures"
 
 
+def test_unet_layers_begin_at_convolution_outputs(captured: dict[str, Any]) -> None:
+    """conv -> GroupNorm -> SiLU: the bytes crossing after each are alike, and the
+    boundary goes after the convolution, so that a segment keeps one value per layer
+    (its input, the conv's output) and recomputes the norm and activation from it."""
+    found = plan_case("unet", captured)
+    segments = find_segments(found["graph"], found["info"])
+    assert len(segments) >= 6
+    for segment in segments[1:]:
+        chained = [n for n in segment.inputs if n.target == torch.ops.aten.convolution.default]
+        assert chained, f"segment {segment.index} does not start at a convolution's output: {[n.name for n in segment.inputs]}"
+
+
 def problem_for(name: str, captured: dict[str, Any]) -> BudgetProblem:
     found = plan_case(name, captured)
     return BudgetProblem(found["graph"], found["info"], found["n"], make_estimator("roofline", "cpu"))

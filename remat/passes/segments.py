@@ -6,7 +6,9 @@ follows; inside the block, many more values are. The forward's nodes are laid ou
 in the joint graph's order; at each point the bytes of the values made before it and
 read after it are summed, and the boundaries are the valleys of that curve (local
 minima that stand out by at least a tenth of their own height, found with scipy's
-``find_peaks``) and lie about as low as the valleys around them. Skip connections (U-Net, residual branches) simply raise the
+``find_peaks``) and lie about as low as the valleys around them; a valley moves back
+to the output of the heavy op (matmul, convolution) before it when no more bytes cross
+there. Skip connections (U-Net, residual branches) simply raise the
 valleys: the values they carry cross several boundaries and are inputs of the
 segments that read them.
 
@@ -26,12 +28,13 @@ from scipy.signal import find_peaks
 
 from remat._torch_internals import JointInfo, storage_key
 from remat.cost_models.sizes import storage_size, tensors_in
-from remat.passes.recompute_rules import is_view
+from remat.passes.recompute_rules import is_heavy, is_view
 
 MAX_SEGMENTS = 160
 PROMINENCE = 0.1
 DEPTH_RATIO = 1.5
 NEIGHBOURS = 4
+SNAP_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def find_segments(graph: fx.Graph, info: JointInfo, max_segments: int = MAX_SEGM
     crossing = crossing_bytes(forward)
     valleys, props = find_peaks(-crossing, prominence=(PROMINENCE * crossing, None), plateau_size=1)
     valleys = _deepest(valleys, crossing[valleys])
+    valleys = _after_heavy_ops(valleys, crossing, forward)
     if len(valleys) >= max_segments:
         valleys = np.sort(valleys[np.argsort(crossing[valleys], kind="stable")[: max_segments - 1]])
     ends = [int(v) + 1 for v in valleys] + [len(forward)]
@@ -115,6 +119,23 @@ def _deepest(valleys: np.ndarray, heights: np.ndarray) -> np.ndarray:
         if heights[i] <= DEPTH_RATIO * heights[max(0, i - NEIGHBOURS) : i + NEIGHBOURS + 1].min()
     ]
     return valleys[keep]
+
+
+def _after_heavy_ops(valleys: np.ndarray, crossing: np.ndarray, forward: Sequence[fx.Node]) -> np.ndarray:
+    """Each valley moved back to the output of the nearest heavy op before it, where as
+    few bytes cross. In conv -> norm -> activation -> conv, the bytes crossing after the
+    conv, the norm and the activation are alike, but only a boundary at the conv's
+    output lets a kept segment input (that output) be the one value its layer keeps: the
+    norm and activation after it are recomputed from it, as checkpointing by hand does."""
+    heavy = [i for i, node in enumerate(forward) if is_heavy(node)]
+    moved = set()
+    for valley in valleys.tolist():
+        before = [i for i in heavy if i <= valley]
+        if before and crossing[before[-1]] <= crossing[valley] * (1 + SNAP_TOLERANCE):
+            moved.add(before[-1])
+        else:
+            moved.add(valley)
+    return np.array(sorted(moved), dtype=valleys.dtype)
 
 
 def _attach_unclaimed(graph: fx.Graph, info: JointInfo, runs: list[list[fx.Node]]) -> None:
