@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test test-slow demo bench predict budget-sweep solver-sweep gradcache-bench clean
+.PHONY: test test-slow demo bench predict budget-sweep solver-sweep gradcache-bench compress-bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ solver-sweep: $(STAMP)
 # step-time overhead (a few minutes); writes benchmarks/results/gradcache.md and gradcache.json.
 gradcache-bench: $(STAMP)
 	$(PY) -m benchmarks.gradcache
+
+# Gradient compression: GPT convergence (300 AdamW steps, top-k ratio 100 with and without
+# error feedback) and the peak of a wide MLP's step (about 2 minutes); writes
+# benchmarks/results/compress.md and compress.json.
+compress-bench: $(STAMP)
+	$(PY) -m benchmarks.compress
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,11 +9,18 @@
 
     h = remat.tag(h, "attn_out")  # in model code: name a value, then keep only named values
     torch.compile(model, backend="remat", options={"save_only": ["attn_out"]})
+
+    model = torch.compile(model, backend="remat", options={"compress": {"method": "topk", "ratio": 100}})
+    store = remat.GradientStore(model, optimizer)  # optimizer.step() rebuilds each gradient in turn
 """
 
 from typing import Any
 
 from remat.backend import compile, remat_backend
+from remat.compress.distributed import register_compression_hook
+from remat.compress.settings import CompressOptions
+from remat.compress.slots import RematCompressWarning
+from remat.compress.store import GradientStore
 from remat.gradcache import CLIPLoss, GradCache, InfoNCE, cached, cat_input_tensor
 from remat.options import RematOptions
 from remat.partition import RematFallbackWarning
@@ -37,6 +44,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CLIPLoss",
+    "CompressOptions",
+    "GradientStore",
+    "RematCompressWarning",
+    "register_compression_hook",
     "GradCache",
     "InfoNCE",
     "cached",

@@ -12,6 +12,7 @@ name in this file is what makes a PyTorch upgrade a one-file change.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -361,3 +362,21 @@ def is_op_overload(target: object) -> bool:
     """True for any registered operator overload (aten, prims or custom), whose
     schema says what it reads, writes and aliases."""
     return isinstance(target, torch._ops.OpOverload)
+
+
+def input_names(gm: fx.GraphModule) -> list[str | None]:
+    """For each input of a Dynamo graph, the attribute path it was read from relative to
+    the compiled module (``net.0.weight`` for ``L['self']._modules['net']._modules['0']
+    ._parameters['weight']``), or None when Dynamo recorded no source."""
+    names: list[str | None] = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = getattr(source, "name", None)
+        name = name() if callable(name) else name
+        if not isinstance(name, str):
+            names.append(None)
+            continue
+        path = re.sub(r"\._(modules|parameters|buffers)\b", "", name)
+        path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", path)
+        names.append(re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).strip("."))
+    return names

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from remat import registry, tracer
+from remat.compress.backward import CompressingPartitioner
 from remat.options import RematOptions
 from remat.partition import RematPartitioner
 
@@ -35,11 +36,12 @@ def remat_backend(
         )
     opts = RematOptions.from_mapping(options)
     parameters = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
-    partitioner = RematPartitioner(
-        opts,
-        graph_name=f"graph_{next(_graph_ids)}",
-        on_plan=lambda plan: registry.record(parameters, plan),
+    graph_name = f"graph_{next(_graph_ids)}"
+    partitioner: Callable[..., Any] = RematPartitioner(
+        opts, graph_name=graph_name, on_plan=lambda plan: registry.record(parameters, plan)
     )
+    if opts.compress is not None and opts.compress.compresses_backward:
+        partitioner = CompressingPartitioner(partitioner, gm, example_inputs, opts.compress, graph_name)
     return tracer.compile_joint(gm, example_inputs, partitioner, opts.inner_compiler)
 
 

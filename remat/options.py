@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from remat.compress.settings import CompressOptions
+
 INNER_COMPILERS = ("inductor", "eager")
 ON_PLAN_FAILURE = ("warn", "raise")
 ON_INFEASIBLE = ("raise", "closest")
@@ -23,7 +25,6 @@ POLICIES = ("full", "every_n", "sqrt_n", "heavy_ops", "none")
 # sees "not implemented yet" instead of "unknown option", and never silently ignored.
 NOT_IMPLEMENTED = {
     "offload": "offloading saved activations to host memory",
-    "compress": "gradient compression",
 }
 
 _UNITS = {
@@ -87,6 +88,12 @@ class RematOptions:
         (``on_infeasible`` says what happens when it does not fit: this is the only
         plan the names allow). Cannot be combined with ``policy``: both say what to
         keep.
+    compress:
+        Gradient compression (``remat.compress.settings.CompressOptions``): a dict
+        such as ``{"method": "topk", "ratio": 100}`` or a method name. Each parameter's
+        gradient is compressed as the backward produces it and handed to a
+        ``remat.GradientStore``; with ``distributed=True``, DDP's comm hook compresses
+        communication instead.
     """
 
     inner_compiler: Literal["inductor", "eager"] = "inductor"
@@ -98,6 +105,7 @@ class RematOptions:
     every_n: int = 2
     exclude: tuple[str, ...] = ()
     save_only: tuple[str, ...] = ()
+    compress: CompressOptions | None = None
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> RematOptions:
@@ -154,6 +162,8 @@ class RematOptions:
                 f"{values['policy']!r}) cannot be combined: both say which values the backward keeps. "
                 "Pass one of them"
             )
+        if values.get("compress") is not None:
+            values["compress"] = CompressOptions.from_value(values["compress"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,6 +173,10 @@ class RematOptions:
             values["save_only"] = list(self.save_only)
         else:
             del values["save_only"]  # off (an explicit empty list is refused)
+        if self.compress is None:
+            del values["compress"]
+        else:
+            values["compress"] = self.compress.to_dict()
         if self.policy != "every_n":
             del values["every_n"]  # only meaningful (and only accepted) with that policy
         return values

@@ -1,0 +1,1 @@
+"""Gradient compression: the ``compress`` option, the store, the DDP comm hooks."""
