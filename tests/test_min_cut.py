@@ -11,7 +11,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from remat import _torch_internals as internals
-from remat.passes.recompute_rules import ban_reason
 from remat.passes.remat import _keep_bytes, solve_min_cut
 
 
@@ -124,19 +123,3 @@ def test_random_and_heavy_ops_are_never_recomputed():
     backend = functools.partial(internals.compile_eager, partition_fn=functools.partial(internals.partition_with, check))
     model = torch.compile(MODELS["relu_dropout"](), backend=backend)
     model(torch.randn(3, 4)).sum().backward()
-
-
-@pytest.mark.parametrize("dropout_p, banned", [(0.0, False), (0.1, True)])
-def test_attention_is_recomputable_only_without_dropout(dropout_p: float, banned: bool) -> None:
-    """Fused attention ops are tagged random for their dropout: with dropout_p == 0
-    they draw nothing, and a replay gives the same output."""
-    graph = fx.Graph()
-    q, k, v = (graph.placeholder(name) for name in "qkv")
-    positional = graph.call_function(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, (q, k, v, dropout_p, True))
-    by_name = graph.call_function(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, (q, k, v), {"dropout_p": dropout_p})
-    for node in (positional, by_name):
-        assert (ban_reason(node) is not None) == banned
-    default = graph.call_function(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, (q, k, v))
-    assert ban_reason(default) is None  # dropout_p defaults to 0
-    dropout = graph.call_function(torch.ops.aten.native_dropout.default, (q, 0.0, True))
-    assert "random op" in ban_reason(dropout)  # other random ops stay banned, whatever their p

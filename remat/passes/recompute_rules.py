@@ -1,8 +1,7 @@
 """Which forward ops may be recomputed in the backward, and why not when they may not.
 
 A rewrite that cannot be proven safe is not made: random ops (their replay would draw
-new numbers; fused attention counts as random only when its dropout_p is not 0), ops
-with side effects, collectives and ops outside aten/prims (whose
+new numbers), ops with side effects, collectives and ops outside aten/prims (whose
 effects remat cannot see) are never recomputed. Compute-heavy ops (matmul,
 convolution, attention) are kept rather than recomputed unless a memory budget asks
 for it: recomputing them costs the most time per byte saved.
@@ -19,8 +18,15 @@ from remat._torch_internals import checkpoint_policy, is_builtin_op, is_primal
 
 aten = torch.ops.aten
 
-ATTENTION_OPS = frozenset(
+HEAVY_OPS = frozenset(
     {
+        aten.mm,
+        aten.bmm,
+        aten.addmm,
+        aten.baddbmm,
+        aten.convolution,
+        aten._convolution,
+        aten.convolution_backward,
         aten._scaled_dot_product_flash_attention,
         aten._scaled_dot_product_flash_attention_for_cpu,
         aten._scaled_dot_product_efficient_attention,
@@ -29,16 +35,6 @@ ATTENTION_OPS = frozenset(
         aten._efficient_attention_forward,
     }
 )
-
-HEAVY_OPS = ATTENTION_OPS | {
-    aten.mm,
-    aten.bmm,
-    aten.addmm,
-    aten.baddbmm,
-    aten.convolution,
-    aten._convolution,
-    aten.convolution_backward,
-}
 
 
 def is_view(node: fx.Node) -> bool:
@@ -61,31 +57,11 @@ def ban_reason(node: fx.Node) -> str | None:
         return "collective"
     if not is_builtin_op(target):
         return f"custom op {target} (side effects unknown)"
-    if _attention_without_dropout(node):
-        return None  # functional, and random only through its dropout (FX calls it impure)
     if torch.Tag.nondeterministic_seeded in target.tags:
         return "random op (a replay would draw different numbers)"
     if target._schema.is_mutable or node.is_impure():
         return "mutates its inputs or has side effects"
     return None
-
-
-def _attention_without_dropout(node: fx.Node) -> bool:
-    """Fused attention is tagged random for its dropout; with ``dropout_p == 0`` it
-    draws nothing and a replay gives the same output (PyTorch's partitioner counts
-    these ops as compute-intensive, not random)."""
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or target.overloadpacket not in ATTENTION_OPS:
-        return False
-    names = [argument.name for argument in target._schema.arguments]
-    if "dropout_p" not in names:
-        return False
-    index = names.index("dropout_p")
-    if index < len(node.args):
-        dropout_p = node.args[index]
-    else:
-        dropout_p = node.kwargs.get("dropout_p", target._schema.arguments[index].default_value)
-    return isinstance(dropout_p, (int, float)) and dropout_p == 0
 
 
 def source_op(node: fx.Node) -> fx.Node:
