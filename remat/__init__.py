@@ -12,6 +12,9 @@
 
     model = torch.compile(model, backend="remat", options={"compress": {"method": "topk", "ratio": 100}})
     store = remat.GradientStore(model, optimizer)  # optimizer.step() rebuilds each gradient in turn
+
+    gc = remat.GradCache(encoder, chunk_size=32, loss_fn=remat.InfoNCE())  # contrastive, huge batches
+    loss = gc(queries, documents)                                            # forward, loss and backward
 """
 
 from typing import Any
@@ -45,23 +48,23 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CLIPLoss",
     "CompressOptions",
-    "GradientStore",
-    "RematCompressWarning",
-    "register_compression_hook",
-    "GradCache",
-    "InfoNCE",
-    "cached",
-    "cat_input_tensor",
     "Decision",
+    "GradCache",
+    "GradientStore",
+    "InfoNCE",
     "MemoryPrediction",
     "Plan",
     "RematBudgetWarning",
+    "RematCompressWarning",
     "RematFallbackWarning",
     "RematOptions",
+    "cached",
+    "cat_input_tensor",
     "compile",
     "explain",
     "plan",
     "plans",
+    "register_compression_hook",
     "remat_backend",
     "tag",
     "__version__",

@@ -18,6 +18,7 @@ so their per-segment problems are solved once.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,9 +131,9 @@ def _after_heavy_ops(valleys: np.ndarray, crossing: np.ndarray, forward: Sequenc
     heavy = [i for i, node in enumerate(forward) if is_heavy(node)]
     moved = set()
     for valley in valleys.tolist():
-        before = [i for i in heavy if i <= valley]
-        if before and crossing[before[-1]] <= crossing[valley] * (1 + SNAP_TOLERANCE):
-            moved.add(before[-1])
+        before = bisect.bisect_right(heavy, valley)  # heavy[before - 1] is the nearest at or before it
+        if before and crossing[heavy[before - 1]] <= crossing[valley] * (1 + SNAP_TOLERANCE):
+            moved.add(heavy[before - 1])
         else:
             moved.add(valley)
     return np.array(sorted(moved), dtype=valleys.dtype)
