@@ -1,4 +1,7 @@
-"""The report's figures, drawn from Plans with matplotlib (Agg: no display needed).
+"""The report's figures, drawn from Plans with matplotlib.
+
+Figures are made without pyplot (``Figure`` renders with Agg on its own), so drawing a
+report neither needs a display nor changes the matplotlib backend of the user's process.
 
 Each function writes one PNG and returns its path. Memory is the prediction a
 budget is checked against (``Plan.step_memory``), counted above the parameters and
@@ -11,13 +14,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from remat.plan import VIEW_REASON, MemoryPrediction, Plan  # noqa: E402
+from remat.plan import VIEW_REASON, MemoryPrediction, Plan
 
 DPI = 80
 MAX_MODULE_ROWS = 24
@@ -34,7 +33,6 @@ def _unit(largest: float) -> tuple[float, str]:
 def _save(figure: Figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
-    plt.close(figure)
     return path
 
 
@@ -57,7 +55,8 @@ def timeline(path: Path, after: Plan, before: Plan | None = None) -> Path:
     resident = after.step_memory.resident_bytes
     budget = None if after.budget_bytes is None else after.budget_bytes - resident
     scale, unit = _unit(max([m.peak_bytes for _, m in lines] + [budget or 0]))
-    figure, axes = plt.subplots(figsize=(8, 3.6))
+    figure = Figure(figsize=(8, 3.6))
+    axes = figure.subplots()
     for label, memory in lines:
         x = _step_axis(memory.positions)
         axes.plot(x, [b / scale for b in memory.live_bytes], label=f"{label} (peak {memory.peak_bytes / scale:.1f} {unit})", lw=1.2)
@@ -98,7 +97,8 @@ def pareto(path: Path, points: Sequence[Plan], chosen: Plan, before: Plan | None
         if seconds < best:
             frontier.append((peak, seconds))
             best = seconds
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
     axes.scatter([p / scale for p, _ in swept], [s * 1e3 for _, s in swept], color="steelblue", s=18, label="budget sweep")
     axes.plot([p / scale for p, _ in frontier], [s * 1e3 for _, s in frontier], color="steelblue", lw=1)
     for label, (peak, seconds), style in marks:
@@ -140,7 +140,8 @@ def heatmap(path: Path, plan: Plan) -> Path:
     values = [[table[m][a] for a in actions] for m in modules]
     largest = max(max(row) for row in values)
     scale, unit = _unit(largest)
-    figure, axes = plt.subplots(figsize=(5.5, 1.2 + 0.28 * len(modules)))
+    figure = Figure(figsize=(5.5, 1.2 + 0.28 * len(modules)))
+    axes = figure.subplots()
     image = axes.imshow([[v / scale for v in row] for row in values], aspect="auto", cmap="viridis")
     axes.set_xticks(range(len(actions)), ["kept", "recomputed"])
     axes.set_yticks(range(len(modules)), modules, fontsize=8)
