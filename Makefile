@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test test-slow demo bench predict budget-sweep solver-sweep gradcache-bench compress-bench clean
+.PHONY: test test-slow demo bench predict budget-sweep solver-sweep gradcache-bench compress-bench offload-bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ gradcache-bench: $(STAMP)
 # benchmarks/results/compress.md and compress.json.
 compress-bench: $(STAMP)
 	$(PY) -m benchmarks.compress
+
+# Offload against recompute on a GPT-style model (needs CUDA; about 4 minutes on an H100);
+# writes benchmarks/results/offload_cuda.md and offload_cuda.json.
+offload-bench: $(STAMP)
+	$(PY) -m benchmarks.offload
 
 clean:
 	rm -rf $(VENV) build *.egg-info

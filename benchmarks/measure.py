@@ -496,6 +496,10 @@ def _plans(model: torch.nn.Module) -> list[dict[str, Any]]:
             "predicted_peak_at": plan.memory.peak_at if plan.memory else None,
             "predicted_fused_peak_bytes": plan.fused_memory.peak_bytes if plan.fused_memory else None,
             "predicted_fused_peak_at": plan.fused_memory.peak_at if plan.fused_memory else None,
+            "offloaded": len(plan.offloaded),
+            "offloaded_bytes": plan.offloaded_bytes,
+            "exposed_transfer_s": plan.exposed_transfer_s,
+            "solve_seconds": plan.solve_seconds,
         }
         for plan in remat.plans(model)
     ]
@@ -573,6 +577,8 @@ def run_job(job: Job) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
         result["step_s"] = statistics.median(times)
         result["step_times_s"] = times
+        if device.type == "cuda":  # the caching allocator's counters need no fresh process
+            result["peak_bytes"], result["baseline_bytes"] = _peak_bytes(step, device)
     if job.strategy in REMAT_STRATEGIES:
         result["plans"] = _plans(model)
     if job.strategy == "checkpoint":

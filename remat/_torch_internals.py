@@ -219,6 +219,13 @@ def storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
+def fake_on_device(value: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A fake tensor like the fake ``value`` (sizes, strides, dtype) on ``device``,
+    from the same fake mode: the ``meta["val"]`` of a node a pass adds."""
+    with value.fake_mode:  # type: ignore[attr-defined]
+        return torch.empty_strided(value.size(), value.stride(), dtype=value.dtype, device=device)
+
+
 def symbol_sources(graph: fx.Graph) -> dict[str, str]:
     """For each shape symbol of a graph, the input dimension Dynamo made it from
     (e.g. ``s0 -> L['x'].size()[0]``); empty for static shapes."""

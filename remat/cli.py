@@ -27,7 +27,7 @@ from remat.progress import Progress
 from remat.programs import Program, ProgramError, load
 from remat.sweep import DEFAULT_BUDGETS
 
-USER_ERRORS = (ProgramError, ValueError, NotImplementedError)
+USER_ERRORS = (ProgramError, ValueError)
 
 
 def _budget(text: str) -> float | str:
@@ -40,6 +40,13 @@ def _budget(text: str) -> float | str:
 
 def _budget_list(text: str) -> list[float | str]:
     return [_budget(part) for part in text.split(",") if part.strip()]
+
+
+def _offload(text: str) -> bool | str:
+    choices = {"true": True, "auto": "auto"}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected 'true' or 'auto'; got {text!r}")
+    return choices[text.lower()]
 
 
 def _fractions(text: str) -> list[float]:
@@ -74,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--policy", choices=POLICIES, help="a fixed checkpointing scheme (see the README's options)")
     plan.add_argument("--every-n", type=int, help="group size of --policy every_n")
     plan.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never recompute values of these modules (repeatable)")
-    plan.add_argument("--offload", action="store_true", default=None, help="offload saved activations to host memory (not implemented yet)")
+    plan.add_argument("--offload", type=_offload, metavar="{true,auto}",
+                      help="offload saved activations to host memory: every one that can be (true), or what --budget needs (auto)")
     plan.add_argument("--on-infeasible", choices=ON_INFEASIBLE, default="raise", help="when no plan meets --budget: fail (raise) or plan the lowest-memory step (closest)")
     plan.add_argument("--sweep", type=_budget_list, default=list(DEFAULT_BUDGETS), metavar="BUDGETS",
                       help=f"budgets of the Pareto figure, comma-separated (default {','.join(map(str, DEFAULT_BUDGETS))}; '' for none)")

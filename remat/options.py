@@ -20,12 +20,8 @@ ON_PLAN_FAILURE = ("warn", "raise")
 ON_INFEASIBLE = ("raise", "closest")
 TIME_ESTIMATORS = ("roofline", "profile")
 POLICIES = ("full", "every_n", "sqrt_n", "heavy_ops", "none")
-
-# Options that later milestones implement. They are accepted by name so that a user
-# sees "not implemented yet" instead of "unknown option", and never silently ignored.
-NOT_IMPLEMENTED = {
-    "offload": "offloading saved activations to host memory",
-}
+OFFLOAD_CHOICES = (False, True, "auto")
+DEFAULT_OFFLOAD_MIN_BYTES = 2**20
 
 _UNITS = {
     "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -88,6 +84,25 @@ class RematOptions:
         (``on_infeasible`` says what happens when it does not fit: this is the only
         plan the names allow). Cannot be combined with ``policy``: both say what to
         keep.
+    offload:
+        Move saved activations to host memory between the forward and the backward.
+        ``False`` (default): never. ``True``: every saved activation that can be
+        offloaded (at least ``offload_min_bytes``; not a parameter, input, view or
+        forward output), with a ``memory_budget`` deciding what to recompute besides.
+        ``"auto"``: the solver chooses per value between keeping, recomputing and
+        offloading under the ``memory_budget`` (required), by simulated peak and
+        estimated time, transfer time not hidden by compute included. Offloads run on a
+        side stream and reloads are issued ahead of their first use (prefetch).
+    offload_min_bytes:
+        The smallest value offloaded (bytes, or a string with a unit: ``"1MiB"``);
+        smaller transfers cost more in latency than they save. Default 1 MiB.
+    offload_only:
+        Names given with ``remat.tag(x, name)``: offload exactly the values tagged with
+        one of them (they are kept, never recomputed), and nothing else.
+    host_bandwidth:
+        Bytes per second between device and pinned host memory, one direction
+        (``25e9`` or ``"25GB/s"``); default: the device profile's (PCIe 5 for
+        H100/H200, PCIe 4 for A100, the copy bandwidth of a CPU).
     compress:
         Gradient compression (``remat.compress.settings.CompressOptions``): a dict
         such as ``{"method": "topk", "ratio": 100}`` or a method name. Each parameter's
@@ -106,6 +121,10 @@ class RematOptions:
     exclude: tuple[str, ...] = ()
     save_only: tuple[str, ...] = ()
     compress: CompressOptions | None = None
+    offload: bool | Literal["auto"] = False
+    offload_min_bytes: int = DEFAULT_OFFLOAD_MIN_BYTES
+    offload_only: tuple[str, ...] = ()
+    host_bandwidth: float | None = None
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> RematOptions:
@@ -123,14 +142,8 @@ class RematOptions:
         for name in options:
             if not isinstance(name, str):
                 raise ValueError(f"remat option names must be strings; got {name!r}")
-            if name in NOT_IMPLEMENTED:
-                raise NotImplementedError(
-                    f"remat option {name!r} ({NOT_IMPLEMENTED[name]}) is not "
-                    f"implemented yet; got {name}={options[name]!r}. Remove it: "
-                    f"supported options are {sorted(known)}"
-                )
             if name not in known:
-                close = difflib.get_close_matches(name, sorted(known | set(NOT_IMPLEMENTED)), n=1)
+                close = difflib.get_close_matches(name, sorted(known), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ValueError(
                     f"unknown remat option {name!r} (value {options[name]!r}); "
@@ -164,6 +177,7 @@ class RematOptions:
             )
         if values.get("compress") is not None:
             values["compress"] = CompressOptions.from_value(values["compress"])
+        _check_offload(values)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +191,10 @@ class RematOptions:
             del values["compress"]
         else:
             values["compress"] = self.compress.to_dict()
+        if self.offload_only:
+            values["offload_only"] = list(self.offload_only)
+        else:
+            del values["offload_only"]
         if self.policy != "every_n":
             del values["every_n"]  # only meaningful (and only accepted) with that policy
         return values
@@ -196,6 +214,68 @@ def parse_budget(value: object) -> tuple[Literal["bytes", "fraction", "auto"], f
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
         return ("fraction", float(value)) if value <= 1 else ("bytes", float(value))
     raise ValueError(f"remat option 'memory_budget' must be {_BUDGET_HELP}; got {value!r}")
+
+
+def _check_offload(values: dict[str, Any]) -> None:
+    """Validate the offload options in place (sizes and bandwidths to numbers)."""
+    offload = values.get("offload", False)
+    if not any(offload is choice or (isinstance(choice, str) and offload == choice) for choice in OFFLOAD_CHOICES):
+        raise ValueError(f"remat option 'offload' must be one of {list(OFFLOAD_CHOICES)}; got {offload!r}")
+    if offload == "auto" and values.get("memory_budget") is None:
+        raise ValueError(
+            "remat option offload='auto' chooses what to offload to meet a memory_budget; pass one "
+            "(e.g. memory_budget=0.5), or offload=True to offload every eligible saved activation"
+        )
+    if "offload_min_bytes" in values:
+        values["offload_min_bytes"] = _parse_amount(
+            "offload_min_bytes", values["offload_min_bytes"], "a number of bytes >= 0 (1048576) or a string with a unit ('1MiB')",
+            allow_zero=True,
+        )
+    only = values.get("offload_only")
+    if only is None or only == ():
+        values["offload_only"] = ()
+    else:
+        names = (only,) if isinstance(only, str) else only
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(
+                "remat option 'offload_only' must be a non-empty list of names given with remat.tag(x, name) "
+                f"(e.g. ['attn_out']); got {only!r}"
+            )
+        if offload is False and "offload" in values:
+            raise ValueError(
+                f"remat options offload=False and offload_only={list(names)!r} contradict each other; "
+                "drop offload=False to offload the tagged values"
+            )
+        if offload == "auto":
+            raise ValueError(
+                f"remat options offload='auto' and offload_only={list(names)!r} cannot be combined: both say "
+                "what to offload. Pass one of them"
+            )
+        values["offload_only"] = tuple(dict.fromkeys(names))
+        values["offload"] = True
+    if values.get("host_bandwidth") is not None:
+        values["host_bandwidth"] = float(_parse_amount(
+            "host_bandwidth", values["host_bandwidth"], "bytes per second > 0 (25e9) or a string such as '25GB/s'",
+            per_second=True,
+        ))
+
+
+def _parse_amount(name: str, value: object, allowed: str, *, allow_zero: bool = False, per_second: bool = False) -> float:
+    """A byte count (or bytes per second): a number, or a string with a unit."""
+    number: float | None = None
+    if isinstance(value, str):
+        text = value.strip()
+        if per_second:
+            text = re.sub(r"\s*/\s*s$", "", text)
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)", text)
+        unit = match.group(2).upper() if match else None
+        if match is not None and unit in _UNITS:
+            number = float(match.group(1)) * _UNITS[unit]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        number = float(value)
+    if number is None or number < 0 or (number == 0 and not allow_zero):
+        raise ValueError(f"remat option {name!r} must be {allowed}; got {value!r}")
+    return int(number) if not per_second else number
 
 
 def _check_exclude(value: object) -> tuple[str, ...]:

@@ -19,7 +19,11 @@ from remat import _torch_internals as internals
 from remat.options import RematOptions
 from remat.passes.budget import InfeasibleBudget
 from remat.passes.remat import MinCutResult, solve_min_cut
-from remat.solver import BudgetedChoice, choose_saved, uses_solver
+from remat.cost_models.runtime import make_estimator
+from remat.cost_models.sizes import graph_device
+from remat.passes.offload_graph import Offloaded, insert_offloads
+from remat.offloading import OffloadChoice, choose_offloads, host_bandwidth
+from remat.solver import BudgetedChoice, choose_saved, fused_model, uses_solver
 from remat.plan import (
     MemoryPrediction,
     Plan,
@@ -54,19 +58,25 @@ class RematPartitioner:
         **kwargs: Any,
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         results: list[MinCutResult | BudgetedChoice] = []
+        offloads: list[OffloadChoice | None] = []
 
         def choose(graph: fx.Graph, info: internals.JointInfo) -> list[fx.Node]:
             if uses_solver(self.options):
-                results.append(choose_saved(graph, info, num_fwd_outputs, self.options, self.graph_name))
+                choice = choose_saved(graph, info, num_fwd_outputs, self.options, self.graph_name)
+                results.append(choice)
+                offloads.append(choice.offload)
             else:
                 results.append(solve_min_cut(graph, info))
+                offloads.append(choose_offloads(graph, results[-1].saved, num_fwd_outputs, self.options, fused_model(self.options)))
             return results[-1].saved
 
         try:
             fw, bw = internals.partition_with(
                 choose, joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
             )
-            plan = self._plan(fw, bw, num_fwd_outputs, results[-1] if results else None)
+            offload = offloads[-1] if offloads else None
+            moved = self._offload(fw, bw, num_fwd_outputs, offload) if offload and offload.offloaded else None
+            plan = self._plan(fw, bw, num_fwd_outputs, results[-1] if results else None, offload=offload, moved=moved)
         except Exception as error:
             if self.options.on_plan_failure == "raise" or isinstance(error, InfeasibleBudget):
                 raise
@@ -98,6 +108,13 @@ class RematPartitioner:
         self.on_plan(plan)
         return fw, bw
 
+    def _offload(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, offload: OffloadChoice) -> Offloaded:
+        device = graph_device(fw.graph)
+        estimator = make_estimator(self.options.time_estimator, device)
+        return insert_offloads(
+            fw, bw, num_fwd_outputs, set(offload.offloaded), estimator, host_bandwidth(self.options, device)
+        )
+
     def _plan(
         self,
         fw: fx.GraphModule,
@@ -105,6 +122,8 @@ class RematPartitioner:
         num_fwd_outputs: int,
         cut: MinCutResult | BudgetedChoice | None,
         fallback_reason: str | None = None,
+        offload: OffloadChoice | None = None,
+        moved: Offloaded | None = None,
     ) -> Plan:
         budgeted = cut if isinstance(cut, BudgetedChoice) else None
         if fallback_reason is not None:
@@ -117,6 +136,12 @@ class RematPartitioner:
         else:
             keep_reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
             default = "min-cut: part of the cheapest set of values to keep"
+        if offload is not None:
+            keep_reasons = {
+                **keep_reasons,
+                **{name: f"{keep_reasons.get(name, default)}; not offloaded: {why}" for name, why in offload.refused.items()},
+                **offload.offloaded,
+            }
         saved = saved_activation_size(fw, num_fwd_outputs)
         memory, fused_memory, time_s, estimator = self._estimates(fw, bw, num_fwd_outputs)
         plan = Plan(
@@ -136,6 +161,10 @@ class RematPartitioner:
             segments=budgeted.groups if budgeted else [],
             solve_seconds=budgeted.solve_seconds if budgeted else None,
             fused_memory=fused_memory,
+            offloaded_bytes=moved.nbytes if moved else 0,
+            host_peak_bytes=offload.host_peak_bytes if moved and offload else 0,
+            transfer_s=moved.schedule.transfer_s if moved else None,
+            exposed_transfer_s=moved.schedule.exposed_s if moved else None,
         )
         log.info("%s", plan.summary())
         return plan

@@ -19,15 +19,17 @@ import torch.fx as fx
 from remat.cost_models.memory import simulate_step
 from remat.cost_models.runtime import graph_time, make_estimator
 from remat.cost_models.sizes import Size, graph_device, human_bytes, node_tensor, tensor_size, unique_storage_size
+from remat.passes.offload_graph import OFFLOAD
 from remat.passes.recompute_rules import is_view
 from remat.solver import module_path
 
-Action = Literal["keep", "recompute"]
+Action = Literal["keep", "recompute", "offload"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """One forward tensor the backward needs: kept from the forward, or recomputed."""
+    """One forward tensor the backward needs: kept on the device from the forward,
+    recomputed in the backward, or offloaded to host memory in between."""
 
     tensor: str
     op: str
@@ -68,7 +70,13 @@ class Plan:
     compiler); under Inductor, fusion removes intermediates and kernels, so they
     overestimate. ``fused_memory`` predicts the memory of the same two graphs compiled
     by Inductor, whose fused kernels store fewer intermediates
-    (``cost_models.fusion``), whichever inner compiler this plan was made for."""
+    (``cost_models.fusion``), whichever inner compiler this plan was made for.
+
+    With offloading: ``offloaded_bytes`` moved to host memory (``host_peak_bytes`` of
+    host copies at once), ``transfer_s`` of copies in both directions, of which
+    ``exposed_transfer_s`` the compute does not hide (estimates). ``memory`` frees an
+    offloaded value after its last forward use; the device also waits for the copy to
+    finish, which the solver's simulation accounts for."""
 
     graph: str
     inner_compiler: str
@@ -86,6 +94,10 @@ class Plan:
     segments: list[str] = dataclasses.field(default_factory=list)
     solve_seconds: float | None = None
     fused_memory: MemoryPrediction | None = None
+    offloaded_bytes: int = 0
+    host_peak_bytes: int = 0
+    transfer_s: float | None = None
+    exposed_transfer_s: float | None = None
 
     def evaluate(self, expr: str, sizes: Mapping[str, int]) -> int:
         """A byte expression of this plan (``saved_bytes_expr``, a decision's
@@ -114,6 +126,10 @@ class Plan:
     def recomputed(self) -> list[Decision]:
         return [d for d in self.decisions if d.action == "recompute"]
 
+    @property
+    def offloaded(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == "offload"]
+
     def to_json(self, **dump_kwargs: Any) -> str:
         return json.dumps(dataclasses.asdict(self), **dump_kwargs)
 
@@ -133,6 +149,12 @@ class Plan:
             f"{len(self.kept)} kept ({human_bytes(self.saved_bytes)} of activations), "
             f"{len(self.recomputed)} recomputed"
         )
+        if self.offloaded:
+            head += (
+                f", {len(self.offloaded)} offloaded to host memory ({human_bytes(self.offloaded_bytes)}; "
+                f"copies {(self.transfer_s or 0) * 1e3:.2f} ms, of which {(self.exposed_transfer_s or 0) * 1e3:.2f} ms "
+                "estimated not hidden by compute)"
+            )
         if self.memory is not None:
             head += (
                 f"\n  predicted peak {human_bytes(self.memory.peak_bytes)} above "
@@ -191,14 +213,16 @@ def forward_outputs(fw_module: fx.GraphModule) -> list[Any]:
 
 
 def saved_values(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
-    """The forward graph's outputs that exist only for the backward."""
+    """The forward graph's outputs that exist only for the backward (for an offloaded
+    value, its host copy)."""
     return [n for n in forward_outputs(fw_module)[num_fwd_outputs:] if isinstance(n, fx.Node)]
 
 
 def saved_activation_size(fw_module: fx.GraphModule, num_fwd_outputs: int) -> Size:
-    """Bytes held from forward to backward beyond inputs and parameters."""
+    """Bytes held on the device from forward to backward beyond inputs and parameters."""
     inputs = list(fw_module.graph.find_nodes(op="placeholder"))
-    return unique_storage_size(saved_values(fw_module, num_fwd_outputs), exclude=inputs)
+    kept = [n for n in saved_values(fw_module, num_fwd_outputs) if n.target is not OFFLOAD]
+    return unique_storage_size(kept, exclude=inputs)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -245,6 +269,11 @@ def decisions_from_graphs(
     backward is kept; forward ops that the backward runs again are recomputed."""
     decisions = []
     for node in saved_values(fw_module, num_fwd_outputs):
+        if node.target is OFFLOAD:
+            value = node.args[0]
+            assert isinstance(value, fx.Node)
+            decisions.append(_decision(value, "offload", keep_reasons.get(value.name, "offloaded to host memory")))
+            continue
         if node.op == "placeholder":
             reason = "parameter or input: alive for the whole step, costs nothing extra"
         else:

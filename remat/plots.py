@@ -110,6 +110,10 @@ def pareto(path: Path, points: Sequence[Plan], chosen: Plan, before: Plan | None
     return _save(figure, path)
 
 
+ACTIONS = ("keep", "recompute", "offload")
+ACTION_LABELS = {"keep": "kept", "recompute": "recomputed", "offload": "offloaded"}
+
+
 def module_bytes(plan: Plan) -> dict[str, dict[str, int]]:
     """Bytes of the values the backward reads, by the module that made them and by
     action. Parameters and inputs (they live anyway) and views (they share their base's
@@ -119,7 +123,7 @@ def module_bytes(plan: Plan) -> dict[str, dict[str, int]]:
     depth = max((d.module.count(".") + 1 for d in counted if d.module), default=0)
     while depth > 1 and len({".".join(d.module.split(".")[:depth]) for d in counted}) > MAX_MODULE_ROWS:
         depth -= 1
-    table: dict[str, dict[str, int]] = defaultdict(lambda: {"keep": 0, "recompute": 0})
+    table: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIONS, 0))
     for d in counted:
         table[".".join(d.module.split(".")[:depth]) or TOP_LEVEL][d.action] += d.bytes
     return dict(table)
@@ -131,19 +135,20 @@ def _natural(name: str) -> tuple[bool, list[tuple[int, int | str]]]:
 
 
 def heatmap(path: Path, plan: Plan) -> Path:
-    """Per module: bytes kept for the backward and bytes recomputed in it."""
+    """Per module: bytes kept for the backward, recomputed in it and (where any were)
+    offloaded to host memory."""
     table = module_bytes(plan)
     if not table:
         raise ValueError(f"plan {plan.graph} has no activation the backward reads: nothing to draw")
     modules = sorted(table, key=_natural)
-    actions = ("keep", "recompute")
+    actions = ACTIONS if any(row["offload"] for row in table.values()) else ACTIONS[:2]
     values = [[table[m][a] for a in actions] for m in modules]
     largest = max(max(row) for row in values)
     scale, unit = _unit(largest)
     figure = Figure(figsize=(5.5, 1.2 + 0.28 * len(modules)))
     axes = figure.subplots()
     image = axes.imshow([[v / scale for v in row] for row in values], aspect="auto", cmap="viridis")
-    axes.set_xticks(range(len(actions)), ["kept", "recomputed"])
+    axes.set_xticks(range(len(actions)), [ACTION_LABELS[a] for a in actions])
     axes.set_yticks(range(len(modules)), modules, fontsize=8)
     for i, row in enumerate(values):
         for j, value in enumerate(row):

@@ -6,7 +6,8 @@ under a byte budget with a set of allowed groups. This module reads the options,
 resolves the budget to bytes ("6GB", a fraction of the peak without recomputation,
 "auto"), turns a policy into the groups it allows, ``exclude`` into values that
 are never recomputed and ``save_only`` into the only values that may be kept
-(``passes.remat.solve_keep_only``), and says what it decided.
+(``passes.remat.solve_keep_only``), and says what it decided. With offloading
+(``remat.offloading``) it also weighs plans that recompute less and offload the rest.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import torch.fx as fx
 
 from remat._torch_internals import JointInfo
 from remat.cost_models.devices import available_memory
-from remat.cost_models.runtime import make_estimator
+from remat.cost_models.runtime import Estimator, make_estimator
 from remat.cost_models.sizes import graph_device, human_bytes
 from remat.options import RematOptions, parse_budget
+from remat.offloading import OffloadChoice, choose_offloads, describe_offloads, offload_problem, offload_tags, pick_offloads
 from remat.passes.budget import (
-    KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, Solution, simulate_saved, solve_budget,
+    KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, Solution, lowest_plan, simulate_saved, solve_budget,
 )
+from remat.passes.offload import OffloadOutcome, OffloadProblem
 from remat.passes.remat import solve_keep_only
 from remat.passes.recompute_rules import source_op
 from remat.passes.schedule import complete_saved_set
@@ -38,6 +41,9 @@ from remat.tags import tagged_values
 
 AUTO_MARGIN = 0.9
 UNBOUNDED = 1e30
+# With offloading, plans that recompute less than the budget needs are tried too, at
+# these multiples of the budget, and offload makes up the difference.
+OFFLOAD_RELAXATIONS = (1.25, 1.5, 2.0, 3.0, UNBOUNDED)
 
 
 class RematBudgetWarning(UserWarning):
@@ -54,6 +60,7 @@ class BudgetedChoice:
     predicted_peak_bytes: int
     groups: list[str]
     solve_seconds: float
+    offload: OffloadChoice | None = None
 
 
 class SaveOnlyOverBudget(InfeasibleBudget):
@@ -82,6 +89,7 @@ def uses_solver(options: RematOptions) -> bool:
         or options.policy is not None
         or bool(options.exclude)
         or bool(options.save_only)
+        or bool(options.offload_only)
     )
 
 
@@ -154,7 +162,8 @@ def choose_saved(
     started = time.perf_counter()
     device = graph_device(graph)
     estimator = make_estimator(options.time_estimator, device)
-    never, matched = excluded_by(options.exclude)
+    never = _NeverRecompute(options, graph)
+    matched = never.matched
     segments = find_segments(graph, info)
     modes, starts = _policy_groups(options, len(segments))
     problem = BudgetProblem(
@@ -163,13 +172,16 @@ def choose_saved(
     )
     _warn_unmatched(options, matched, graph_name)
     budget = resolve_budget(options, problem.resident, lambda: _save_everything_peak(problem), device)
+    offload: OffloadChoice | None = None
     try:
-        solution = solve_budget(problem, budget if budget is not None else int(UNBOUNDED))
+        solution, offload, peak = _solve(problem, budget, options, estimator)
     except InfeasibleBudget as error:
         if options.on_infeasible == "raise":
             raise
         warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=2)
         solution = error.lowest
+        offload = choose_offloads(graph, solution.saved, num_fwd_outputs, options, fused_model(options))
+        peak = offload.peak_bytes if offload is not None else solution.peak
     reasons = {}
     for group in solution.groups:
         label = _group_label(group)
@@ -181,10 +193,62 @@ def choose_saved(
         saved=solution.saved,
         reasons=reasons,
         budget_bytes=budget,
-        predicted_peak_bytes=solution.peak,
+        predicted_peak_bytes=peak,
         groups=[_group_label(g) for g in solution.groups],
         solve_seconds=time.perf_counter() - started,
+        offload=offload,
     )
+
+
+class _NeverRecompute:
+    """What may not be recomputed: values of ``exclude``'d modules and values that
+    ``offload_only`` names (they are kept, to be offloaded)."""
+
+    def __init__(self, options: RematOptions, graph: fx.Graph) -> None:
+        self.excluded, self.matched = excluded_by(options.exclude)
+        self.tags = offload_tags(options, graph) if options.offload_only else {}
+
+    def __call__(self, node: fx.Node) -> str | None:
+        return self.excluded(node) or self.tags.get(node)
+
+
+def _solve(
+    problem: BudgetProblem, budget: int | None, options: RematOptions, estimator: Estimator
+) -> tuple[Solution, OffloadChoice | None, int]:
+    """The fastest plan under ``budget``, and what it offloads: without offloading, the
+    budgeted solver's plan; with it, that plan and the plans that recompute less (at
+    ``OFFLOAD_RELAXATIONS`` of the budget) with offloads that bring the peak back under
+    the budget, compared by estimated recompute time plus exposed transfer time."""
+    if not options.offload:
+        solution = solve_budget(problem, budget if budget is not None else int(UNBOUNDED))
+        return solution, None, solution.peak
+    limit = budget if budget is not None else int(UNBOUNDED)
+    factors = (1.0, *OFFLOAD_RELAXATIONS) if budget is not None else (1.0,)
+    best: tuple[float, Solution, OffloadProblem, OffloadOutcome] | None = None
+    failure: InfeasibleBudget | None = None
+    tried: set[tuple[Group, ...]] = set()
+    for factor in factors:
+        try:
+            solution = solve_budget(problem, int(min(limit * factor, UNBOUNDED)))
+        except InfeasibleBudget as error:
+            failure = failure or error
+            continue
+        if tuple(solution.groups) in tried:
+            continue
+        tried.add(tuple(solution.groups))
+        offloads = offload_problem(problem.graph, solution.saved, problem.num_fwd_outputs, options, estimator, problem.fused)
+        outcome = pick_offloads(offloads, options, budget)
+        if outcome is None:
+            continue
+        seconds = solution.seconds + outcome.schedule.exposed_s
+        if best is None or seconds < best[0]:
+            best = (seconds, solution, offloads, outcome)
+    if best is None:
+        if failure is not None:
+            raise failure
+        raise InfeasibleBudget(limit, lowest_plan(problem))
+    _, solution, offloads, outcome = best
+    return solution, describe_offloads(problem.graph, offloads, outcome, options), outcome.peak
 
 
 def _choose_tagged(
@@ -195,7 +259,8 @@ def _choose_tagged(
     started = time.perf_counter()
     device = graph_device(graph)
     estimator = make_estimator(options.time_estimator, device)
-    never, matched = excluded_by(options.exclude)
+    never = _NeverRecompute(options, graph)
+    matched = never.matched
     names = set(options.save_only)
     tagged = tagged_values(graph)
     found = set().union(*tagged.values())
@@ -224,7 +289,15 @@ def _choose_tagged(
             return _save_everything_peak(problem)
 
         budget = resolve_budget(options, plan.timeline.resident_bytes, save_peak, device)
-        if plan.peak > budget:
+    offload, peak = None, plan.peak
+    if options.offload:
+        offloads = offload_problem(graph, saved, num_fwd_outputs, options, estimator, fused_model(options))
+        outcome = pick_offloads(offloads, options, budget) or offloads.evaluate(
+            offloads.candidates if options.offload is True else []
+        )
+        offload, peak = describe_offloads(graph, offloads, outcome, options), outcome.peak
+    if budget is not None:
+        if peak > budget:
             error = SaveOnlyOverBudget(budget, plan, options.save_only)
             if options.on_infeasible == "raise":
                 raise error
@@ -238,9 +311,10 @@ def _choose_tagged(
         saved=saved,
         reasons=reasons,
         budget_bytes=budget,
-        predicted_peak_bytes=plan.peak,
+        predicted_peak_bytes=peak,
         groups=[],
         solve_seconds=time.perf_counter() - started,
+        offload=offload,
     )
 
 

@@ -222,6 +222,15 @@ def remat_options(
             options["every_n"] = draw(st.integers(1, 4))
     if draw(st.integers(0, 3)) == 0:
         options["exclude"] = [draw(st.sampled_from(["body.0", "head", "nothing"]))]
+    offload = draw(st.sampled_from([None, None, True, "auto", "only"]))
+    if offload == "auto" and "memory_budget" in options:
+        options["offload"] = "auto"
+    elif offload == "only":
+        options["offload_only"] = [draw(st.sampled_from(TAG_NAMES))]
+    elif offload is True:
+        options["offload"] = True
+    if "offload" in options or "offload_only" in options:
+        options["offload_min_bytes"] = 0  # the drawn models are small: offload what can be
     return options
 
 

@@ -245,9 +245,9 @@ def not_a_program(tmp_path: Path) -> str:
         (lambda tmp, f: f"{f}:wrong", [], r"factory cli_factories:wrong returned int; it must return \(model, example_inputs\)"),
         (lambda tmp, f: f"{f}:mlp", ["--budget", "0.05"], r"memory budget .* cannot be met: the lowest predicted peak .* Raise --budget to at least .*--on-infeasible closest"),
         (lambda tmp, f: f"{f}:mlp", ["--budget", "lots"], r"remat option 'memory_budget' must be .*; got 'lots'"),
-        (lambda tmp, f: f"{f}:mlp", ["--offload"], r"remat option 'offload' \(offloading saved activations to host memory\) is not implemented yet"),
+        (lambda tmp, f: f"{f}:mlp", ["--offload", "auto"], r"remat option offload='auto' chooses what to offload to meet a memory_budget; pass one"),
     ],
-    ids=["missing", "not-a-program", "no-example-inputs", "factory-raises", "factory-returns-wrong", "infeasible", "bad-budget", "offload"],
+    ids=["missing", "not-a-program", "no-example-inputs", "factory-raises", "factory-returns-wrong", "infeasible", "bad-budget", "offload-auto-without-budget"],
 )
 def test_errors_are_one_line_with_exit_code_2(make_path, extra, message, tmp_path: Path, factories: str) -> None:
     code, stdout, stderr = run("plan", make_path(tmp_path, factories), *extra, "--sweep", "", "--out", str(tmp_path / "out"))

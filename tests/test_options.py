@@ -48,12 +48,6 @@ def test_options_must_be_a_mapping(options):
         RematOptions.from_mapping(options)
 
 
-@pytest.mark.parametrize("name", ["offload"])
-def test_later_options_say_not_implemented(name):
-    with pytest.raises(NotImplementedError, match=f"'{name}'.*not implemented yet"):
-        RematOptions.from_mapping({name: 0.5})
-
-
 def test_save_only_takes_tag_names():
     opts = RematOptions.from_mapping({"save_only": ["attn_out", "mlp_in", "attn_out"], "memory_budget": "1GB"})
     assert opts.save_only == ("attn_out", "mlp_in")

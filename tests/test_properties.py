@@ -172,7 +172,7 @@ def describe(spec: ModelSpec) -> None:
 
 
 def describe_options(options: dict[str, Any]) -> None:
-    for name in ("memory_budget", "policy", "save_only", "exclude"):
+    for name in ("memory_budget", "policy", "save_only", "exclude", "offload", "offload_only"):
         if name in options:
             event(f"option {name}")
 
@@ -214,8 +214,13 @@ def is_random(op_name: str) -> bool:
 
 def check_plan_invariants(plan: remat.Plan) -> None:
     for decision in plan.decisions:
-        assert decision.action in ("keep", "recompute"), decision
+        assert decision.action in ("keep", "recompute", "offload"), decision
         assert isinstance(decision.bytes, int) and decision.bytes >= 0, decision
+    offloaded = plan.offloaded
+    assert plan.offloaded_bytes == sum(d.bytes for d in offloaded), plan
+    if offloaded:
+        assert plan.options.get("offload") in (True, "auto"), plan.options
+        assert plan.exposed_transfer_s is not None and 0 <= plan.exposed_transfer_s <= plan.transfer_s
     # An op returning a tuple (aten.native_dropout, var_mean) shows up through its
     # outputs, as "aten.native_dropout.default[0]".
     recomputed_random = [d for d in plan.recomputed if is_random(d.op)]
@@ -285,7 +290,7 @@ def test_inductor_inner_compiler_matches_eager(spec: ModelSpec, options: dict[st
 
 @given(spec=model_specs(), options=remat_options(inner_compilers=("eager",)), fallback_random=st.booleans())
 def test_plans_are_well_formed(spec: ModelSpec, options: dict[str, Any], fallback_random: bool) -> None:
-    """Every decision is keep or recompute with bytes >= 0, no random op is recomputed,
+    """Every decision is keep, recompute or offload with bytes >= 0, no random op is recomputed,
     and plans round-trip through JSON. With and without fallback_random, which picks
     different decompositions for dropout (ATen's rand, or Inductor's seeded random)."""
     fresh_compile_state()

@@ -56,6 +56,9 @@ class DeviceProfile:
     first_touch_bandwidth, first_touch_threshold: outputs of at least the threshold
         bytes land in freshly mapped pages (glibc's mmap) and are written at this
         slower rate, page faults included; None where an allocator caches memory.
+    host_bandwidth: bytes/s of a copy between the device and pinned host memory, one
+        direction; None: a copy within main memory (a CPU), ``memory_bandwidth / 2``
+        (the copy reads and writes).
     """
 
     name: str
@@ -68,6 +71,7 @@ class DeviceProfile:
     conv_efficiency: float = 1.0
     first_touch_bandwidth: float | None = None
     first_touch_threshold: int | None = None
+    host_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "matmul_flops", MappingProxyType(dict(self.matmul_flops)))
@@ -84,6 +88,10 @@ class DeviceProfile:
         if name == "float32" and tf32 and "tfloat32" in self.matmul_flops:
             name = "tfloat32"
         return self.matmul_flops.get(name, min(self.matmul_flops.values()))
+
+    def host_copy_rate(self) -> float:
+        """Bytes/s of an offload or a reload (see ``host_bandwidth``)."""
+        return self.host_bandwidth if self.host_bandwidth is not None else self.memory_bandwidth / 2
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -104,6 +112,11 @@ class DeviceProfile:
 # eager op (not a spec-sheet figure; CUDA graphs lower it).
 _GPU_OVERHEAD_S = 4e-6
 
+# Host links, per direction: PCIe 5.0 x16 (H100, H200) 64 GB/s, PCIe 4.0 x16 (A100)
+# 32 GB/s, from the PCI-SIG specifications; pinned copies reach about 80% of it.
+_PCIE5_X16 = 0.8 * 64e9
+_PCIE4_X16 = 0.8 * 32e9
+
 # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: FP64 34 TFLOPS, FP64 Tensor
 # Core 67, FP32 67, TF32 Tensor Core 989*, BF16/FP16 Tensor Core 1,979*, FP8 3,958*,
 # INT8 3,958 TOPS* (* with sparsity: halved here), GPU memory bandwidth 3.35 TB/s.
@@ -122,6 +135,7 @@ H100 = DeviceProfile(
     vector_flops=67e12,
     memory_bandwidth=3.35e12,
     op_overhead_s=_GPU_OVERHEAD_S,
+    host_bandwidth=_PCIE5_X16,
     source="NVIDIA H100 Tensor Core GPU datasheet (H100 SXM, dense = sparse / 2)",
 )
 
@@ -151,6 +165,7 @@ A100 = DeviceProfile(
     vector_flops=19.5e12,
     memory_bandwidth=2.039e12,
     op_overhead_s=_GPU_OVERHEAD_S,
+    host_bandwidth=_PCIE4_X16,
     source="NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM, dense)",
 )
 

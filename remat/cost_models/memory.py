@@ -34,7 +34,8 @@ import torch.fx as fx
 
 from remat._torch_internals import is_primal, is_tangent, storage_key
 from remat.cost_models.fusion import Fusion, fuse, fused_workspace_bytes, read_positions
-from remat.cost_models.sizes import leaves, storage_bytes, tensors_in
+from remat.cost_models.sizes import graph_device, leaves, storage_bytes, tensors_in
+from remat.cost_models.transfers import Window
 from remat.cost_models.workspace import workspace_bytes
 from remat.passes.schedule import StepOrder
 
@@ -60,6 +61,7 @@ class MemoryTimeline:
     live_bytes: list[int]
     intervals: list[Interval]
     resident_bytes: int
+    host_peak_bytes: int = 0  # offloaded copies in host memory, at most at once
 
     @property
     def peak_bytes(self) -> int:
@@ -110,6 +112,7 @@ def simulate_step(
     for node in forward.find_nodes(op="placeholder"):
         for tensor in tensors_in(node.meta.get("val")):
             resident[storage_key(tensor)] = storage_bytes(tensor)
+    device = graph_device(forward)
 
     # Storages are told apart by graph: the backward's recomputed ops carry the fake
     # tensors of the forward ops they repeat, but allocate anew. Only the backward's
@@ -143,7 +146,7 @@ def simulate_step(
             dies = max((read_at.get(u, graph_end) for u in node.users), default=born)
             for tensor in tensors_in(node.meta.get("val")):
                 ref = storage_key(tensor)
-                if ref in resident:
+                if ref in resident or tensor.device != device:  # host copies are not device memory
                     continue
                 key = (index - 1, ref) if index and ref in handed_over else (index, ref)
                 storage = storages.get(key)
@@ -164,10 +167,21 @@ def simulate_step(
     return MemoryTimeline(positions, _sum_intervals(intervals, len(positions)), intervals, sum(resident.values()))
 
 
-def simulate_order(order: StepOrder, fused: bool = False) -> MemoryTimeline:
+def simulate_order(
+    order: StepOrder,
+    fused: bool = False,
+    offloads: Mapping[fx.Node, Window] | None = None,
+    host_is_device: bool = False,
+) -> MemoryTimeline:
     """The memory timeline of the partition described by ``order`` (see
     ``passes.schedule``), straight from the joint graph: the same accounting as
     ``simulate_step`` on the extracted graphs, without extracting them.
+
+    ``offloads``: saved values moved to host memory between the passes, with their
+    windows (``cost_models.transfers``): on the device until ``freed_after``, and
+    again from ``reload_at`` to their last use. Their host copies live from the
+    offload to the reload; they count as device memory when ``host_is_device`` (a
+    step on the CPU), else as ``host_peak_bytes``.
 
     ``fused``: both graphs compiled by Inductor rather than run op by op
     (``cost_models.fusion``): the values it inlines into their readers take no memory,
@@ -211,6 +225,8 @@ def simulate_order(order: StepOrder, fused: bool = False) -> MemoryTimeline:
 
     storages: dict[tuple[int, int], _Storage] = {}
     handed_over: set[int] = set()
+    offloads = offloads or {}
+    reloaded = {storage_key(t) for node in offloads for t in tensors_in(node.meta.get("val"))}
 
     def live(node: fx.Node, phase: int, born: int, dies: int) -> None:
         for tensor in tensors_in(node.meta.get("val")):
@@ -218,6 +234,8 @@ def simulate_order(order: StepOrder, fused: bool = False) -> MemoryTimeline:
             if ref in resident:
                 continue
             key = (0, ref) if phase == 0 or ref in handed_over else (1, ref)
+            if phase == 1 and ref in reloaded:
+                key = (2, ref)  # the backward reads the reloaded copy
             storage = storages.get(key)
             if storage is None:
                 storages[key] = _Storage(node.name, storage_bytes(tensor), born, dies)
@@ -231,9 +249,18 @@ def simulate_order(order: StepOrder, fused: bool = False) -> MemoryTimeline:
         if node in fw_inlined:
             continue
         dies = fw_last.get(node, at)
-        if node in saved:
+        if node in offloads:
+            dies = max(dies, offloads[node].freed_after)
+        elif node in saved:
             dies = max(dies, handed.get(node, backward_start))
         live(node, 0, at, dies)
+    host: list[Interval] = []
+    for node, window in offloads.items():
+        nbytes = sum(storage_bytes(t) for t in tensors_in(node.meta.get("val")))
+        storages[2, storage_key(tensors_in(node.meta.get("val"))[0])] = _Storage(
+            f"reload of {node.name}", nbytes, window.reload_at, handed.get(node, window.reload_at)
+        )
+        host.append(Interval(f"host copy of {node.name}", nbytes, fw_at[node], window.reload_at))
     for node in saved:
         if node.op == "placeholder" and node in handed:
             live(node, 0, backward_start, handed[node])
@@ -263,7 +290,12 @@ def simulate_order(order: StepOrder, fused: bool = False) -> MemoryTimeline:
     for node, at in itertools.chain(fw_at.items(), bw_at.items()):
         if scratch := scratch_of(node):
             intervals.append(Interval(f"workspace of {node.name}", scratch, at, at))
-    return MemoryTimeline(positions, _sum_intervals(intervals, len(positions)), intervals, sum(resident.values()))
+    if host_is_device:
+        intervals.extend(host)
+    host_peak = 0 if host_is_device else max(_sum_intervals(host, len(positions)), default=0)
+    return MemoryTimeline(
+        positions, _sum_intervals(intervals, len(positions)), intervals, sum(resident.values()), host_peak
+    )
 
 
 _UNFUSED = Fusion(set(), {}, {})

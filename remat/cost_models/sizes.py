@@ -70,10 +70,11 @@ def tensors_in(value: object) -> list[torch.Tensor]:
 
 
 def graph_device(graph: fx.Graph) -> torch.device:
-    """Where a graph's tensors live (the first tensor's device; the CPU if none)."""
+    """Where a graph computes: the first accelerator a tensor of it is on, else the CPU
+    (host copies of offloaded values and CPU scalars live beside device tensors)."""
     for node in graph.nodes:
         value = node_tensor(node)
-        if value is not None:
+        if value is not None and value.device.type not in ("cpu", "meta"):
             return value.device
     return torch.device("cpu")
 
