@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test test-slow demo bench predict budget-sweep solver-sweep gradcache-bench compress-bench offload-bench clean
+.PHONY: test test-slow test-integrations demo bench predict budget-sweep solver-sweep gradcache-bench compress-bench offload-bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	HYPOTHESIS_PROFILE=slow $(PY) -m pytest -q -ra -m "slow or not slow" --hypothesis-show-statistics
+
+# Hugging Face's Trainer and Lightning are optional (the "integrations" extra): `make test`
+# skips their tests, naming the missing package; this installs them into .venv and runs
+# issue 9's tests (the frameworks, @remat.optimize, options from the environment, DDP/FSDP2).
+INTEGRATIONS_STAMP := $(VENV)/.integrations-installed
+
+$(INTEGRATIONS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,integrations]" "$(TORCH_PIN)"
+	touch $(INTEGRATIONS_STAMP)
+
+test-integrations: $(INTEGRATIONS_STAMP)
+	$(PY) -m pytest -q -ra tests/test_integrations.py tests/test_optimize.py tests/test_env_options.py tests/test_distributed.py
 
 demo: $(STAMP)
 	$(PY) -m benchmarks.demo

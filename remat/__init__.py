@@ -15,6 +15,11 @@
 
     gc = remat.GradCache(encoder, chunk_size=32, loss_fn=remat.InfoNCE())  # contrastive, huge batches
     loss = gc(queries, documents)                                            # forward, loss and backward
+
+    @remat.optimize(memory_budget="6GB")  # every model the function builds trains under remat
+    def train(config): ...
+
+    # no options= (Hugging Face's Trainer): REMAT_OPTIONS='{"memory_budget": "6GB"}' or REMAT_CONFIG=remat.toml
 """
 
 from typing import Any
@@ -25,6 +30,8 @@ from remat.compress.settings import CompressOptions
 from remat.compress.slots import RematCompressWarning
 from remat.compress.store import GradientStore
 from remat.gradcache import CLIPLoss, GradCache, InfoNCE, cached, cat_input_tensor
+from remat.integrations import huggingface as _huggingface
+from remat.optimize import optimize
 from remat.options import RematOptions
 from remat.partition import RematFallbackWarning
 from remat.plan import Decision, MemoryPrediction, Plan
@@ -34,6 +41,8 @@ from remat.solver import RematBudgetWarning
 from remat.tags import tag
 
 __version__ = "0.1.0"
+
+_huggingface.register_backend_name()  # TrainingArguments(torch_compile_backend="remat") passes accelerate's check
 
 
 def __getattr__(name: str) -> Any:
@@ -62,6 +71,7 @@ __all__ = [
     "cat_input_tensor",
     "compile",
     "explain",
+    "optimize",
     "plan",
     "plans",
     "register_compression_hook",

@@ -29,8 +29,8 @@ if _version < MIN_TORCH:  # pragma: no cover - guarded by pyproject's torch>=2.1
         f"remat needs torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}; found torch {torch.__version__}"
     )
 
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from torch._functorch import partitioners as _partitioners  # noqa: E402
-from torch._functorch.aot_autograd import aot_module_simplified  # noqa: E402
 from torch._functorch._aot_autograd.utils import _is_primal, _is_tangent  # noqa: E402
 from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn  # noqa: E402
 from torch._inductor.decomposition import select_decomp_table  # noqa: E402
@@ -289,14 +289,16 @@ def compile_eager(
             joint_pass(joint.graph)
         return partition_fn(joint, joint_inputs, **kwargs)
 
-    return aot_module_simplified(
-        gm,
-        example_inputs,
+    # Through Dynamo's aot_autograd wrapper, as Inductor goes, rather than calling
+    # aot_module_simplified directly: DDP's optimizer (a graph split at each gradient
+    # bucket) counts the AOTAutograd compiles the wrapper records to pair each bucket's
+    # backward with its forward, and fails the first backward without them.
+    return aot_autograd(
         fw_compiler=_boxed_nop,
         bw_compiler=_boxed_nop,
         partition_fn=partition,
         decompositions=decomposition_table(),
-    )
+    )(gm, example_inputs)
 
 
 class _InductorPartitioner(CustomPartitionerFn):
@@ -387,3 +389,47 @@ def input_names(gm: fx.GraphModule) -> list[str | None]:
         path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", path)
         names.append(re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).strip("."))
     return names
+
+
+def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[torch.nn.Parameter]:
+    """The model's parameters among the inputs of a Dynamo graph. Usually the inputs
+    themselves; under DDP's optimizer (the graph split at each gradient bucket) each
+    piece gets fake copies, and the real parameter is the one Dynamo recorded for the
+    placeholder (``meta["grapharg"]``)."""
+    found = []
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs, strict=False):
+        if isinstance(value, torch._subclasses.fake_tensor.FakeTensor):
+            grapharg = node.meta.get("grapharg")
+            try:
+                value = grapharg.example if grapharg is not None else None
+            except (AssertionError, AttributeError):  # the recorded tensor is gone
+                value = None
+        if isinstance(value, torch.nn.Parameter):
+            found.append(value)
+    return found
+
+
+def compile_in_place(module: torch.nn.Module, **compile_kwargs: Any) -> None:
+    """Route ``module``'s calls through ``torch.compile(**compile_kwargs)``, keeping the object
+    (and so its ``state_dict`` keys). Not ``module.compile()``: that compiles
+    ``Module._call_impl``, a frame Dynamo skips, so a module whose ``forward`` is torch.nn's
+    own (``nn.Sequential``) runs uncompiled without a word. Each module gets its own code
+    object, hence its own Dynamo cache: they would otherwise share one, and the ninth
+    module would hit the recompile limit and run eagerly."""
+    call = module._call_impl
+
+    def call_module(*args: Any, **kwargs: Any) -> Any:
+        return call(*args, **kwargs)
+
+    call_module.__code__ = call_module.__code__.replace()
+    module._compiled_call_impl = torch.compile(call_module, **compile_kwargs)
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """True for what ``torch.compile(module)`` returns and for a module compiled in place."""
+    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or module._compiled_call_impl is not None
+
+
+def uncompile_in_place(module: torch.nn.Module) -> None:
+    """Undo ``compile_in_place``: calls run the module eagerly again."""
+    module._compiled_call_impl = None

@@ -2,6 +2,8 @@
 
 Registered through the ``torch_dynamo_backends`` entry point, so
 ``torch.compile(model, backend="remat", options={...})`` works without importing remat.
+Without options (a framework that passes only the backend's name), the options come from
+``REMAT_OPTIONS`` or ``REMAT_CONFIG`` (``remat.env_options``); options given in code win.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from remat import registry, tracer
+from remat import _torch_internals as internals
+from remat import env_options, registry, tracer
 from remat.compress.backward import CompressingPartitioner
 from remat.options import RematOptions
 from remat.partition import RematPartitioner
@@ -28,14 +31,16 @@ def remat_backend(
     options: Mapping[str, Any] | RematOptions | None = None,
     mode: str | None = None,
 ) -> Callable[..., Any]:
-    """Compile one Dynamo graph: joint trace, remat partition, inner compiler."""
+    """Compile one Dynamo graph: joint trace, remat partition, inner compiler.
+
+    ``options`` None or empty: those of the environment (``remat.env_options``)."""
     if mode not in (None, "default"):
         raise ValueError(
             f"the remat backend takes no torch.compile mode; got mode={mode!r}. "
             "Pass remat's settings as options={...} instead"
         )
-    opts = RematOptions.from_mapping(options)
-    parameters = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    opts = env_options.resolve(options)
+    parameters = internals.graph_parameters(gm, example_inputs)
     graph_name = f"graph_{next(_graph_ids)}"
     partitioner: Callable[..., Any] = RematPartitioner(
         opts, graph_name=graph_name, on_plan=lambda plan: registry.record(parameters, plan)
@@ -52,8 +57,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
     fullgraph: bool = False,
     **options: Any,
 ) -> Any:
-    """``torch.compile(model, backend="remat", options=options)``, validated up front."""
-    opts = RematOptions.from_mapping(options)
+    """``torch.compile(model, backend="remat", options=options)``, validated up front;
+    without options, those of the environment (``remat.env_options``)."""
+    opts = env_options.resolve(options)
     return torch.compile(
         model, backend=remat_backend, dynamic=dynamic, fullgraph=fullgraph, options=opts.to_dict()
     )

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
 
 import remat
@@ -17,3 +24,16 @@ def assert_planned_by_remat(model: nn.Module, label: str = "") -> list[remat.Pla
         assert plan.partitioner in ("remat-min-cut", "remat-budget"), f"{label}: {plan.graph} fell back: {plan.fallback_reason}"
         assert plan.fallback_reason is None
     return plans
+
+
+def run_ranks(worker: Callable[..., None], tmp_path: Path, world: int, deadline_s: float) -> list[Any]:
+    """Start ``worker(rank, store_path, out_dir)`` on ``world`` processes and return what
+    each saved to ``out_dir/rank{r}.pt``; a run past ``deadline_s`` is killed and fails."""
+    context = mp.start_processes(worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(f"the {world} workers did not finish in {deadline_s} s (a hang?)")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]

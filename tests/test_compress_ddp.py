@@ -10,16 +10,15 @@ rather than trusted not to hang.
 No ``from __future__ import annotations``: DDP reads comm hooks' annotations at runtime.
 """
 
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import remat
+from tests.checks import run_ranks
 
 WORLD = 2
 LOCAL_BATCH = 8
@@ -94,14 +93,7 @@ def _worker(rank: int, store: str, out: str) -> None:
 
 
 def test_compressed_ddp_on_two_processes(tmp_path: Path) -> None:
-    context = mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise AssertionError(f"the DDP workers did not finish in {DEADLINE_S} s (a hang?)")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_worker, tmp_path, WORLD, DEADLINE_S)
 
     reference = _model()
     x, y = _data(1)[0]

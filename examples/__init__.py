@@ -1,0 +1,1 @@
+"""Runnable scripts of the README's "Where you already train"; tests/ imports and runs them."""
