@@ -116,6 +116,52 @@ def test_fused_kernels_that_read_the_same_value_run_together() -> None:
     assert _interval(simulate_step(graph), "mm").end == fused.positions.index("forward:add")  # op by op
 
 
+def test_fused_on_the_cpu_kernels_between_two_extern_kernels_run_as_one_call() -> None:
+    def f(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor]:
+        y = x @ w
+        a = (y * 2).relu()
+        b = (y[:, :512] + 1).relu()  # a loop of another size: a kernel of its own, in the same C++ function
+        return ((a @ w).sum() + (b @ w[:512]).sum(),)
+
+    graph = _fake_graph(f, torch.randn(256, 1024), torch.randn(1024, 1024))
+    runs_with = {n.name: first.name for n, first in _fusion(graph).runs_with.items()}
+    assert runs_with["relu_1"] == "relu" and runs_with["add_1"] == "sum_2"  # so do the last two sums and their add
+    fused = simulate_step(graph, fused=True)
+    assert _interval(fused, "relu_1").start == fused.positions.index("forward:relu")
+
+
+def _upsample_then_convolve(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, g: torch.Tensor, convolve: bool):
+    """A U-Net decoder's upsampling recomputed in the backward: the upsampled value is read
+    by its convolution's backward and, with ``convolve``, by the convolution itself."""
+    up = torch.ops.aten._unsafe_index.Tensor(x.sigmoid(), [None, None, rows, cols])
+    conv = [torch.ops.aten.convolution.default(up, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)] if convolve else []
+    grads = torch.ops.aten.convolution_backward.default(g, up, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    return (*conv, grads[0], grads[1])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="layout optimization needs oneDNN")
+def test_fused_convolutions_read_channels_last_copies_of_a_value_whose_layout_is_fixed() -> None:
+    # Inductor stores the upsampled value (2 MiB) with its FX strides, because a
+    # convolution_backward is one of its readers, and the convolution and the
+    # convolution_backward each copy it to channels-last: three 2 MiB buffers at once
+    x, w, g = torch.randn(8, 16, 32, 32), torch.randn(16, 16, 3, 3), torch.randn(8, 16, 64, 64)
+    cols = torch.arange(64) // 2
+    rows = cols[:, None]
+    graph = _fake_graph(lambda *a: _upsample_then_convolve(*a, convolve=True), x, rows, cols, w, g)
+    fused = simulate_step(graph, fused=True)
+    made = _interval(fused, "_unsafe_index").start  # with the sigmoid (0.5 MiB), in one C++ function
+    assert fused.live_bytes[made] == 3 * 2 * MIB + MIB // 2
+    assert _interval(fused, "_unsafe_index").end == made  # only the copies read it
+    copy = _interval(fused, "copy of _unsafe_index for convolution_backward")
+    assert (copy.start, copy.end) == (made, fused.positions.index("forward:convolution_backward"))
+    copies = {(arg.name, reader.name): value.name for (arg, reader), value in _fusion(graph).copies.items()}
+    assert copies == {("_unsafe_index", "convolution"): "_unsafe_index", ("_unsafe_index", "convolution_backward"): "_unsafe_index"}
+    # without a convolution the graph keeps its layout: the upsampled value is read as it is
+    graph = _fake_graph(lambda *a: _upsample_then_convolve(*a, convolve=False), x, rows, cols, w, g)
+    assert not _fusion(graph).copies
+    assert simulate_step(graph, fused=True).live_bytes[made] == 2 * MIB + MIB // 2
+
+
 @pytest.mark.parametrize("name", ["gpt", "unet"])
 def test_fused_timeline_of_the_solver_order_equals_the_extracted_graphs(name: str, monkeypatch) -> None:
     """``simulate_order(order, fused=True)``, what the solver weighs, gives the very

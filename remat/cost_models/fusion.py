@@ -30,8 +30,14 @@ early (``Fusion.runs_with``); a stored value only its own fused kernel reads is 
 stored after all (``remove_kernel_local_buffers``); and a kernel may write its result
 over an input it reads for the last time (``Fusion.in_place``). On the CPU,
 convolutions run channels-last, without the scratch they need eagerly
-(``fused_workspace_bytes``). Each rule was needed to come within 10% of the peaks
-``benchmarks/predict.py`` measures under Inductor.
+(``fused_workspace_bytes``); the kernels scheduled between two extern kernels are
+generated into one C++ function, whose results are all allocated before it runs
+(``_calls``); and in a graph with a convolution, a convolution reads a channels-last
+copy of a value whose layout was fixed otherwise (``_channels_last_copies``: a
+U-Net's recomputed upsampling, GroupNorm's input gradients). Each rule was needed to
+come within 10% of the peaks ``benchmarks/predict.py`` measures under Inductor; the
+last two for U-Net plans that recompute convolutions (issue 4: 45.2 MiB predicted
+without them, 55.0 MiB with, 60.2 MiB measured).
 """
 
 from __future__ import annotations
@@ -172,18 +178,23 @@ class Fusion:
     """One graph as Inductor compiles it, as far as memory goes.
 
     inlined: values computed inside their readers' kernels and never stored.
-    runs_with: for a kernel fused into the kernel of an earlier node, that node: it
-        runs there, allocating its result and reading its inputs there.
+    runs_with: for a kernel fused into the kernel of an earlier node, or generated
+        into the same C++ function (on the CPU), that node: it runs there, allocating
+        its result and reading its inputs there.
     in_place: for each stored value that a generated kernel computes elementwise,
         the stored values it reads at its own index with the same dtype and size. If
         one of them is last read by this kernel, Inductor writes the value over it
         (``SchedulerNode.decide_inplace_update``, ``config.inplace_buffers``): the
         two never take memory together.
+    copies: for a value a convolution reads (as it reads it: the value or a view of
+        it) and that convolution, the stored value it is a copy of: the convolution
+        reads a channels-last copy of its own, made where that value's kernel runs.
     """
 
     inlined: set[fx.Node]
     runs_with: dict[fx.Node, fx.Node]
     in_place: dict[fx.Node, list[fx.Node]]
+    copies: dict[tuple[fx.Node, fx.Node], fx.Node]
 
 
 def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
@@ -212,6 +223,8 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
             kernels[node] = expression
     index = {node: i for i, node in enumerate(nodes)}
     leader = _group_kernels(kernels, index)
+    on_cpu = _on_cpu(nodes)
+    called = _calls(nodes, kernels, inlined, leader) if on_cpu else leader
     readers: dict[fx.Node, list[fx.Node]] = {}
     for node, expression in kernels.items():
         for value in expression.reads:
@@ -219,8 +232,110 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
     for node in kernels:
         if _kernel_local(node, readers.get(node, []), leader, members, returned, inlined, kernels):
             inlined.add(node)
-    runs_with = {node: first for node, first in leader.items() if first is not node}
-    return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index))
+    runs_with = {node: first for node, first in called.items() if first is not node}
+    copies = _channels_last_copies(nodes, kernels, members) if on_cpu else {}
+    return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index), copies)
+
+
+CONVOLUTIONS = frozenset({aten.convolution.default, aten.convolution_backward.default})
+RESHAPES = frozenset({aten.view, aten.reshape, aten._unsafe_view})
+# Ops whose result Inductor's fake tensors lay out like their inputs.
+LAYOUT_KEEPING = frozenset({aten.cat, aten.clone, aten._to_copy, aten.copy, aten.constant_pad_nd})
+
+
+def _channels_last_copies(
+    nodes: Sequence[fx.Node], kernels: Collection[fx.Node], members: set[fx.Node]
+) -> dict[tuple[fx.Node, fx.Node], fx.Node]:
+    """Which convolutions read a copy. On the CPU with oneDNN, Inductor lays out a graph
+    with a convolution channels-last (``GraphLowering.decide_layout_opt``): the lowerings
+    of convolution and convolution_backward require channels-last inputs
+    (``ExternKernel.require_channels_last``). A stored value whose layout is still
+    free is stored that way; one whose layout is already fixed otherwise is copied, once
+    for each such reader (``ExternKernel.copy_input``). Fixed are a value read through a
+    view (the view pins its base's layout) and a value with several readers, one a
+    convolution_backward (``GraphLowering.run_node`` gives it the strides of its FX
+    value); those strides are channels-last except after a reshape or an indexing op
+    (the upsampling of a U-Net). Both happen in the backward of a recomputed
+    convolution: the graph without one is not laid out channels-last."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return {}
+    if not any(node.target is aten.convolution.default for node in nodes):
+        return {}
+    channels_last = _channels_last_layouts(nodes)
+    copies = {}
+    for reader in nodes:
+        if reader.target not in CONVOLUTIONS:
+            continue
+        for arg in reader.args[: 1 if reader.target is aten.convolution.default else 2]:
+            if not isinstance(arg, fx.Node) or channels_last.get(arg, True):
+                continue
+            value = _source(arg)
+            readers = {user for user in value.users if user in members}
+            viewed = arg is not value
+            shared = len(readers) > 1 and any(user.target is aten.convolution_backward.default for user in readers)
+            if value in kernels and (viewed or shared):
+                copies[arg, reader] = value
+    return copies
+
+
+def _channels_last_layouts(nodes: Sequence[fx.Node]) -> dict[fx.Node, bool]:
+    """Whether each 4-d value is channels-last in the FX graph Inductor compiles: it
+    propagates fake tensors again from the graph's inputs, which come channels-last
+    (``GraphLowering.find_nodes_prefer_channels_last`` lays out the forward's outputs
+    so); convolutions keep that layout and elementwise ops follow their inputs, while
+    reshapes and indexing ops make contiguous values."""
+    layouts: dict[fx.Node, bool] = {}
+    for node in nodes:
+        if _ndim(node) != 4:
+            continue
+        inputs = [arg for arg in node.all_input_nodes if _ndim(arg) == 4]
+        if _is_alias(node):
+            base = node.args[0]
+            layouts[node] = layouts.get(base, True) and not (_packet(node) in RESHAPES and _shape(node) != _shape(base))
+        elif node.target in CONVOLUTIONS:
+            layouts[node] = True
+        elif _inlinable(node) and _packet(node) not in INDEXING or _packet(node) in LAYOUT_KEEPING:
+            layouts[node] = any(layouts.get(arg, True) for arg in inputs if _shape(arg) == _shape(node))
+        else:
+            layouts[node] = False
+    return layouts
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    value = node.meta.get("val")
+    return tuple(size_hint(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _ndim(node: fx.Node) -> int:
+    value = node.meta.get("val")
+    return value.dim() if isinstance(value, torch.Tensor) else 0
+
+
+def _on_cpu(nodes: Sequence[fx.Node]) -> bool:
+    """Whether the graph computes on the CPU, where Inductor generates C++ (a GPU graph
+    may hold CPU tensors too: scalars, host copies of offloaded values)."""
+    devices = {v.device.type for n in nodes if isinstance(v := n.meta.get("val"), torch.Tensor)}
+    return "cpu" in devices and devices <= {"cpu", "meta"}
+
+
+def _calls(
+    nodes: Sequence[fx.Node], kernels: Collection[fx.Node], inlined: Collection[fx.Node], leader: Mapping[fx.Node, fx.Node]
+) -> dict[fx.Node, fx.Node]:
+    """For each kernel, the first kernel of the C++ function it is generated into. On
+    the CPU, Inductor generates every fused kernel scheduled between two extern kernels
+    into one function, called once (``CppScheduling`` keeps one ``KernelGroup`` until
+    ``Scheduler.flush``, which runs before each extern kernel): the wrapper allocates
+    all their results before the call and frees their inputs after it."""
+    first: dict[fx.Node, fx.Node] = {}
+    current = None
+    for node in nodes:
+        if node in kernels:
+            if leader[node] is node:
+                current = current or node
+                first[node] = current
+        elif not (node in inlined or _is_alias(node) or _packet(node) is aten.as_strided):
+            current = None  # an extern kernel ends the function (as_strided is a view)
+    return {node: first[leader[node]] for node in kernels}
 
 
 def _kernel_local(
@@ -475,12 +590,18 @@ def fused_workspace_bytes(node: fx.Node) -> int:
     return workspace_bytes(node, channels_last=channels_last)
 
 
-def read_positions(nodes: Sequence[fx.Node], position: Mapping[fx.Node, int], inlined: Collection[fx.Node]) -> dict[fx.Node, int]:
-    """Where each of one graph's ``nodes`` reads its inputs: a stored value where it
-    runs, an inlined one where the last kernel that computes it inline runs. Its
-    inputs must live until then. ``position``: each node's place in the timeline."""
+def read_positions(nodes: Sequence[fx.Node], position: Mapping[fx.Node, int], fusion: Fusion) -> dict[tuple[fx.Node, fx.Node], int]:
+    """Where each of one graph's ``nodes`` reads each of its inputs, by (input, node): a
+    stored value where it runs; an inlined value, and a view, where the last kernel
+    that reads it runs (a part of a multi-output op, where it is taken); a convolution
+    that reads a copy (``Fusion.copies``) where the copy is made. The input must live
+    until then. ``position``: each node's place in the timeline."""
     at = dict(position)
+    edges: dict[tuple[fx.Node, fx.Node], int] = {}
     for node in reversed(nodes):
-        if node in inlined:
-            at[node] = max((at[u] for u in node.users if u in at), default=position[node])
-    return at
+        if node in fusion.inlined or _is_alias(node) and node.target is not operator.getitem:
+            at[node] = max((edges[node, u] for u in node.users if (node, u) in edges), default=position[node])
+        for arg in node.all_input_nodes:
+            copied = fusion.copies.get((arg, node))
+            edges[arg, node] = at[node] if copied is None else position[copied]
+    return edges

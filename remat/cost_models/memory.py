@@ -17,8 +17,10 @@ is checked against it, so it models what the runtime really does:
 - with ``fused=True``, the graphs run as Inductor compiles them (``cost_models.fusion``):
   values it computes inside their readers' kernels get no storage, and what they read
   lives until the last kernel that computes them has run; kernels fused into an
-  earlier one run there; a kernel that writes its result over an input it reads for
-  the last time needs no new storage; convolutions need no reordering scratch.
+  earlier one run there (on the CPU, so do all kernels between two extern kernels:
+  one C++ function); a kernel that writes its result over an input it reads for the
+  last time needs no new storage; convolutions need no reordering scratch, but may
+  read a channels-last copy of their input, made with it.
 
 Each storage becomes an interval of timeline positions; the live bytes are their sum.
 A full simulation is linear in the graph size (a difference array).
@@ -34,7 +36,7 @@ import torch.fx as fx
 
 from remat._torch_internals import is_primal, is_tangent, storage_key
 from remat.cost_models.fusion import Fusion, fuse, fused_workspace_bytes, read_positions
-from remat.cost_models.sizes import graph_device, leaves, storage_bytes, tensors_in
+from remat.cost_models.sizes import graph_device, leaves, storage_bytes, tensor_size, tensors_in
 from remat.cost_models.transfers import Window
 from remat.cost_models.workspace import workspace_bytes
 from remat.passes.schedule import StepOrder
@@ -118,6 +120,7 @@ def simulate_step(
     # tensors of the forward ops they repeat, but allocate anew. Only the backward's
     # inputs (saved values, and views of them) are the forward's storages.
     storages: dict[tuple[int, int], _Storage] = {}
+    copies: list[Interval] = []
     fusions: list[tuple[Fusion, dict[fx.Node, int], Callable[[fx.Node], _Storage | None]]] = []
     graph_start = 0
     for index, (name, graph) in enumerate(graphs):
@@ -125,7 +128,8 @@ def simulate_step(
         graph_end = graph_start + len(nodes) - 1
         fusion = fuse(nodes, _outputs(graph)) if fused else _UNFUSED
         runs_at = _kernel_positions(fusion, {n: where[n] for n in nodes})
-        read_at = read_positions(nodes, runs_at, fusion.inlined)
+        read_at = read_positions(nodes, runs_at, fusion)
+        copies.extend(_copies(fusion, runs_at))
         handed_over = {
             storage_key(t)
             for node in graph.find_nodes(op="placeholder")
@@ -143,7 +147,7 @@ def simulate_step(
             if node.op == "output" or node in fusion.inlined:
                 continue
             born = graph_start if node.op == "placeholder" else runs_at[node]
-            dies = max((read_at.get(u, graph_end) for u in node.users), default=born)
+            dies = max((read_at.get((node, u), graph_end) for u in node.users), default=born)
             for tensor in tensors_in(node.meta.get("val")):
                 ref = storage_key(tensor)
                 if ref in resident or tensor.device != device:  # host copies are not device memory
@@ -159,7 +163,7 @@ def simulate_step(
     for fusion, runs_at, storage_of in fusions:
         _write_in_place(fusion, runs_at, storage_of)
 
-    intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
+    intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()] + copies
     scratch_of = fused_workspace_bytes if fused else workspace_bytes
     for node, position in where.items():
         if scratch := scratch_of(node):
@@ -197,8 +201,8 @@ def simulate_order(
     bw_at = _kernel_positions(bw_fusion, {node: backward_start + i for i, node in enumerate(order.backward)})
     saved = set(order.saved)
     fw_inlined, bw_inlined = fw_fusion.inlined, bw_fusion.inlined
-    fw_read_at = read_positions(order.forward, fw_at, fw_inlined)
-    bw_read_at = read_positions(order.backward, bw_at, bw_inlined)
+    fw_read_at = read_positions(order.forward, fw_at, fw_fusion)
+    bw_read_at = read_positions(order.backward, bw_at, bw_fusion)
 
     # The last position reading each value: forward reads of forward values; backward
     # reads of the backward's own values, or of the saved values and inputs it receives.
@@ -206,13 +210,11 @@ def simulate_order(
     fw_last: dict[fx.Node, int] = {}
     bw_last: dict[fx.Node, int] = {}
     handed: dict[fx.Node, int] = {}
-    for node, at in fw_read_at.items():
-        for arg in node.all_input_nodes:
-            fw_last[arg] = max(fw_last.get(arg, at), at)
-    for node, at in bw_read_at.items():
-        for arg in node.all_input_nodes:
-            target = bw_last if arg in bw_at else handed
-            target[arg] = max(target.get(arg, at), at)
+    for (arg, _), at in fw_read_at.items():
+        fw_last[arg] = max(fw_last.get(arg, at), at)
+    for (arg, _), at in bw_read_at.items():
+        target = bw_last if arg in bw_at else handed
+        target[arg] = max(target.get(arg, at), at)
 
     resident: dict[int, int] = {}
     inputs: list[fx.Node] = []
@@ -286,6 +288,7 @@ def simulate_order(
         _write_in_place(bw_fusion, bw_at, lambda node: storage_of(node, 1))
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
+    intervals += _copies(fw_fusion, fw_at) + _copies(bw_fusion, bw_at)
     scratch_of = fused_workspace_bytes if fused else workspace_bytes
     for node, at in itertools.chain(fw_at.items(), bw_at.items()):
         if scratch := scratch_of(node):
@@ -298,7 +301,16 @@ def simulate_order(
     )
 
 
-_UNFUSED = Fusion(set(), {}, {})
+_UNFUSED = Fusion(set(), {}, {}, {})
+
+
+def _copies(fusion: Fusion, position: Mapping[fx.Node, int]) -> list[Interval]:
+    """The channels-last copies convolutions read (``Fusion.copies``): each made where
+    the value it copies is, and freed after its convolution."""
+    return [
+        Interval(f"copy of {arg.name} for {reader.name}", tensor_size(arg.meta["val"]).hint, position[value], position[reader])
+        for (arg, reader), value in fusion.copies.items()
+    ]
 
 
 def _kernel_positions(fusion: Fusion, position: dict[fx.Node, int]) -> dict[fx.Node, int]:
