@@ -82,6 +82,7 @@ def main(strategy: str, steps: int = 3) -> None:
         optimizer.step()
         optimizer.zero_grad()
         print(f"rank {rank} step {step} loss {loss.item():.4f}")
+    dist.barrier()  # no process tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -59,6 +59,7 @@ def _worker(rank: int, store: str, out: str) -> None:
             results[name] = {"grads": grads, "plans": _plans(model), "local_parameter_bytes": local}
             torch.compiler.reset()
         torch.save(results, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no process tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
