@@ -91,7 +91,7 @@ def describe_offloads(
         why = offload_tags(options, graph)
         offloaded = {n.name: why[n] for n in outcome.offloaded}
     elif options.offload == "auto":
-        offloaded = {n.name: "offloaded to meet the memory budget (offload='auto')" for n in outcome.offloaded}
+        offloaded = {n.name: "offloaded to bring the peak down to the memory budget (offload='auto')" for n in outcome.offloaded}
     else:
         offloaded = {n.name: "offloaded (offload=True)" for n in outcome.offloaded}
     refused = {n.name: why for n, why in problem.refused.items()}

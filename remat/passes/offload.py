@@ -68,6 +68,7 @@ def refusal(node: fx.Node, shared: set[int], user_outputs: set[fx.Node], min_byt
 
 
 def shared_storages(saved: Iterable[fx.Node]) -> set[int]:
+    """The storages more than one of ``saved`` uses: offloading one would free nothing."""
     seen: set[int] = set()
     shared: set[int] = set()
     for node in saved:
