@@ -206,11 +206,10 @@ def parse_budget(value: object) -> tuple[Literal["bytes", "fraction", "auto"], f
         text = value.strip()
         if text.lower() == "auto":
             return "auto", 0.0
-        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)", text)
-        unit = match.group(2).upper() if match else ""
-        if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        amount = _bytes_in(text)
+        if amount is None or amount <= 0:
             raise ValueError(f"remat option 'memory_budget' must be {_BUDGET_HELP}; got {value!r}")
-        return "bytes", float(match.group(1)) * _UNITS[unit]
+        return "bytes", amount
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
         return ("fraction", float(value)) if value <= 1 else ("bytes", float(value))
     raise ValueError(f"remat option 'memory_budget' must be {_BUDGET_HELP}; got {value!r}")
@@ -260,17 +259,20 @@ def _check_offload(values: dict[str, Any]) -> None:
         ))
 
 
+def _bytes_in(text: str) -> float | None:
+    """The bytes a number with a unit stands for (``"6GB"``, ``"512 MiB"``); None if
+    ``text`` is not one."""
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)", text)
+    if match is None or match.group(2).upper() not in _UNITS:
+        return None
+    return float(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
 def _parse_amount(name: str, value: object, allowed: str, *, allow_zero: bool = False, per_second: bool = False) -> float:
     """A byte count (or bytes per second): a number, or a string with a unit."""
     number: float | None = None
     if isinstance(value, str):
-        text = value.strip()
-        if per_second:
-            text = re.sub(r"\s*/\s*s$", "", text)
-        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)", text)
-        unit = match.group(2).upper() if match else None
-        if match is not None and unit in _UNITS:
-            number = float(match.group(1)) * _UNITS[unit]
+        number = _bytes_in(re.sub(r"\s*/\s*s$", "", value.strip()) if per_second else value.strip())
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         number = float(value)
     if number is None or number < 0 or (number == 0 and not allow_zero):

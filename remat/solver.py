@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from remat._torch_internals import JointInfo
 from remat.cost_models.devices import available_memory
-from remat.cost_models.runtime import Estimator, make_estimator
+from remat.cost_models.runtime import make_estimator
 from remat.cost_models.sizes import graph_device, human_bytes
 from remat.options import RematOptions, parse_budget
 from remat.offloading import OffloadChoice, choose_offloads, describe_offloads, offload_problem, offload_tags, pick_offloads
@@ -174,7 +174,7 @@ def choose_saved(
     budget = resolve_budget(options, problem.resident, lambda: _save_everything_peak(problem), device)
     offload: OffloadChoice | None = None
     try:
-        solution, offload, peak = _solve(problem, budget, options, estimator)
+        solution, offload, peak = _solve(problem, budget, options)
     except InfeasibleBudget as error:
         if options.on_infeasible == "raise":
             raise
@@ -213,7 +213,7 @@ class _NeverRecompute:
 
 
 def _solve(
-    problem: BudgetProblem, budget: int | None, options: RematOptions, estimator: Estimator
+    problem: BudgetProblem, budget: int | None, options: RematOptions
 ) -> tuple[Solution, OffloadChoice | None, int]:
     """The fastest plan under ``budget``, and what it offloads: without offloading, the
     budgeted solver's plan; with it, that plan and the plans that recompute less (at
@@ -236,7 +236,7 @@ def _solve(
         if tuple(solution.groups) in tried:
             continue
         tried.add(tuple(solution.groups))
-        offloads = offload_problem(problem.graph, solution.saved, problem.num_fwd_outputs, options, estimator, problem.fused)
+        offloads = offload_problem(problem.graph, solution.saved, problem.num_fwd_outputs, options, problem.seconds, problem.fused)
         outcome = pick_offloads(offloads, options, budget)
         if outcome is None:
             continue

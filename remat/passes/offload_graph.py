@@ -56,6 +56,7 @@ def insert_offloads(
     position.update({node: backward_start + i for i, node in enumerate(bw_nodes)})
 
     chosen: dict[str, tuple[int, fx.Node, fx.Node]] = {}  # name -> (output index, forward value, backward input)
+    first_use: dict[str, int] = {}  # name -> position of its first reader in the backward
     transfers = []
     for index in range(num_fwd_outputs, len(outputs)):
         value = outputs[index]
@@ -67,7 +68,8 @@ def insert_offloads(
         if received is None or not readers or tensor is None or value not in position:
             raise ValueError(f"cannot offload {value.name}: the backward does not receive it as an input")
         chosen[value.name] = (index, value, received)
-        transfers.append(Transfer(value.name, storage_bytes(tensor), position[value], min(readers)))
+        first_use[value.name] = min(readers)
+        transfers.append(Transfer(value.name, storage_bytes(tensor), position[value], first_use[value.name]))
     schedule = schedule_transfers([seconds(n) for n in (*fw_nodes, *bw_nodes)], backward_start, transfers, bandwidth)
 
     for name, (index, value, received) in chosen.items():
@@ -77,7 +79,7 @@ def insert_offloads(
         host.meta["val"] = fake_on_device(value.meta["val"], "cpu")
         outputs[index] = host
 
-        first_reader = bw_nodes[min(position[u] for u in received.users if u in position) - backward_start]
+        first_reader = bw_nodes[first_use[name] - backward_start]
         with bw.graph.inserting_before(bw_nodes[schedule.windows[name].reload_at - backward_start]):
             reloaded = bw.graph.call_function(RELOAD, (received, device))
         reloaded.meta["val"] = received.meta["val"]
