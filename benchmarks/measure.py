@@ -312,8 +312,19 @@ def run_worker(job: Job, timeout_s: float = 900.0) -> dict[str, Any]:
     )
 
 
-def fresh_process(module: str, payload: str, metric: Metric, what: str, timeout_s: float = 900.0) -> dict[str, Any]:
-    """Run ``python -m module --worker payload`` in a fresh interpreter, with the allocator
+def time_pair(first: Job, second: Job, timeout_s: float = 1800.0) -> dict[str, Any]:
+    """``run_pair`` in a fresh interpreter: both jobs' time reports and their ratio."""
+    payload = json.dumps([dataclasses.asdict(first), dataclasses.asdict(second)])
+    return fresh_process(
+        "benchmarks.measure", payload, "time", f"strategies {first.strategy!r} and {second.strategy!r}", timeout_s,
+        flag="--pair-worker",
+    )
+
+
+def fresh_process(
+    module: str, payload: str, metric: Metric, what: str, timeout_s: float = 900.0, flag: str = "--worker"
+) -> dict[str, Any]:
+    """Run ``python -m module <flag> payload`` in a fresh interpreter, with the allocator
     setting ``metric`` needs (DESIGN.md "Measuring"), and return the JSON line it prints.
     ``what`` names the worker in the error if it fails."""
     env = dict(os.environ)
@@ -321,7 +332,7 @@ def fresh_process(module: str, payload: str, metric: Metric, what: str, timeout_
         env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    command = [sys.executable, "-m", module, "--worker", payload]
+    command = [sys.executable, "-m", module, flag, payload]
     result = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
     )
@@ -505,8 +516,20 @@ def _plans(model: torch.nn.Module) -> list[dict[str, Any]]:
     ]
 
 
-def run_job(job: Job) -> dict[str, Any]:
-    """Build the model, wrap it, warm up, measure; the worker's whole life."""
+@dataclasses.dataclass
+class _Prepared:
+    """A worker's model under its strategy, compiled and warmed up: ``step`` runs one
+    training step; ``result`` holds what was found on the way."""
+
+    job: Job
+    model: torch.nn.Module
+    step: Callable[[], float]
+    device: torch.device
+    result: dict[str, Any]
+
+
+def _prepare(job: Job) -> _Prepared:
+    """Build the model, wrap it, check its gradients against eager, warm up."""
     if job.fallback_random:
         from torch._inductor import config as inductor_config
 
@@ -530,6 +553,8 @@ def run_job(job: Job) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if job.strategy == "checkpoint":
+        result["checkpointed_blocks"] = list(case.blocks)
     reference = None
     if job.metric == "time" and job.grad_check and job.strategy != "eager":
         reference = copy.deepcopy(model)
@@ -561,35 +586,67 @@ def run_job(job: Job) -> dict[str, Any]:
         del reference
     for _ in range(job.warmup):
         result["loss"] = step()
+    _synchronize(device)
+    result["warmup_s"] = time.perf_counter() - start
+    return _Prepared(job, model, step, device, result)
+
+
+def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    result["warmup_s"] = time.perf_counter() - start
 
-    if job.metric == "peak":
-        result["peak_bytes"], result["baseline_bytes"] = _peak_bytes(step, device)
-    else:
-        times = []
-        for _ in range(job.steps):
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+
+def _timed(prepared: _Prepared) -> float:
+    start = time.perf_counter()
+    prepared.step()
+    _synchronize(prepared.device)
+    return time.perf_counter() - start
+
+
+def _finish(prepared: _Prepared, times: list[float]) -> dict[str, Any]:
+    """The worker's report: what ``_prepare`` found, the times, and remat's plans."""
+    job, result = prepared.job, prepared.result
+    if times:
         result["step_s"] = statistics.median(times)
         result["step_times_s"] = times
-        if device.type == "cuda":  # the caching allocator's counters need no fresh process
-            result["peak_bytes"], result["baseline_bytes"] = _peak_bytes(step, device)
     if job.strategy in REMAT_STRATEGIES:
-        result["plans"] = _plans(model)
-    if job.strategy == "checkpoint":
-        result["checkpointed_blocks"] = list(case.blocks)
+        result["plans"] = _plans(prepared.model)
     return result
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Build the model, wrap it, warm up, measure; the worker's whole life."""
+    prepared = _prepare(job)
+    times: list[float] = []
+    if job.metric == "peak":
+        prepared.result["peak_bytes"], prepared.result["baseline_bytes"] = _peak_bytes(prepared.step, prepared.device)
+    else:
+        times = [_timed(prepared) for _ in range(job.steps)]
+        if prepared.device.type == "cuda":  # the caching allocator's counters need no fresh process
+            prepared.result["peak_bytes"], prepared.result["baseline_bytes"] = _peak_bytes(prepared.step, prepared.device)
+    return _finish(prepared, times)
+
+
+def run_pair(first: Job, second: Job) -> dict[str, Any]:
+    """Time two strategies in one process, step by step in turn (first-second, then
+    second-first), so that both see the same moments of a noisy machine: their ratio is
+    what a comparison should quote. Each gets ``steps`` timed steps."""
+    if first.metric != "time" or second.metric != "time" or first.steps != second.steps:
+        raise ValueError("a pair is timed: both jobs need metric 'time' and the same number of steps")
+    prepared = [_prepare(first), _prepare(second)]
+    times: list[list[float]] = [[], []]
+    for index in range(first.steps):
+        for which in ((0, 1) if index % 2 == 0 else (1, 0)):
+            times[which].append(_timed(prepared[which]))
+    reports = [_finish(p, t) for p, t in zip(prepared, times)]
+    return {"first": reports[0], "second": reports[1], "ratio": reports[1]["step_s"] / reports[0]["step_s"]}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("strategy", nargs="?", choices=sorted(STRATEGIES))
     parser.add_argument("--worker", metavar="JOB", help="internal: run one Job (JSON) and print one JSON line")
+    parser.add_argument("--pair-worker", metavar="JOBS", help="internal: time two Jobs (a JSON list) in turn; one JSON line")
     parser.add_argument("--spec", default='{"factory": "gpt"}', help="ModelSpec as JSON")
     parser.add_argument(
         "--options", default="{}",
@@ -599,6 +656,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_job(Job.from_json(args.worker))), flush=True)
+    elif args.pair_worker:
+        first, second = (Job.from_json(json.dumps(job)) for job in json.loads(args.pair_worker))
+        print(json.dumps(run_pair(first, second)), flush=True)
     elif args.strategy:
         spec = ModelSpec(**json.loads(args.spec))
         print(json.dumps(measure(spec, args.strategy, json.loads(args.options), optimizer=args.optimizer)))

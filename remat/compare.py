@@ -66,7 +66,7 @@ def compare(
     rows = []
     for budget, plan, theirs in zip(budgets, plans, graphs[1::2], strict=True):
         memory = predict_memory(theirs.forward, theirs.backward, theirs.num_fwd_outputs, fused=fused)
-        seconds, _ = estimate_time(theirs.forward, theirs.backward, base["time_estimator"])
+        seconds, _ = estimate_time(theirs.forward, theirs.backward, base["time_estimator"], fused)
         mine = plan.step_memory
         if mine is None or plan.estimated_time_s is None:
             raise ValueError(f"remat's plan at budget {budget} has no predictions (see the log for why)")

@@ -178,7 +178,7 @@ class RematPartitioner:
         try:
             memory = predict_memory(fw, bw, num_fwd_outputs)
             fused_memory = predict_fused_memory(fw, bw, num_fwd_outputs)
-            time_s, estimator = estimate_time(fw, bw, self.options.time_estimator)
+            time_s, estimator = estimate_time(fw, bw, self.options.time_estimator, fused_model(self.options))
         except Exception as error:
             log.warning(
                 "remat could not estimate the memory and time of graph %s (%s: %s); its Plan has no predictions",

@@ -16,9 +16,10 @@ from typing import Any, Literal
 import sympy
 import torch.fx as fx
 
-from remat.cost_models.memory import simulate_step
-from remat.cost_models.runtime import graph_time, make_estimator
+from remat.cost_models.memory import graph_fusion, running_nodes, simulate_step
+from remat.cost_models.runtime import make_estimator
 from remat.cost_models.sizes import Size, graph_device, human_bytes, node_tensor, tensor_size, unique_storage_size
+from remat.cost_models.step_time import position_seconds
 from remat.passes.offload_graph import OFFLOAD
 from remat.passes.recompute_rules import is_view
 from remat.solver import module_path
@@ -199,13 +200,18 @@ def predict_fused_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule, n
     return predict_memory(fw_module, bw_module, num_fwd_outputs, fused=True)
 
 
-def estimate_time(fw_module: fx.GraphModule, bw_module: fx.GraphModule, estimator_name: str) -> tuple[float, str]:
-    """Seconds for a step of the two graphs run op by op, and how that was estimated."""
+def estimate_time(
+    fw_module: fx.GraphModule, bw_module: fx.GraphModule, estimator_name: str, fused: bool = False
+) -> tuple[float, str]:
+    """Seconds for a step of the two graphs (``fused``: as Inductor compiles them, else
+    run op by op), and how that was estimated."""
     estimator = make_estimator(estimator_name, graph_device(fw_module.graph))
-    label = f"{estimator_name}, op by op"
+    forward, backward = running_nodes(fw_module.graph), running_nodes(bw_module.graph)
+    fusions = (graph_fusion(fw_module.graph), graph_fusion(bw_module.graph)) if fused else None
+    label = f"{estimator_name}, {'as Inductor fuses it' if fused else 'op by op'}"
     if estimator_name == "roofline":
         label += f", {estimator.profile.name} profile"  # type: ignore[attr-defined]
-    return graph_time(fw_module, estimator) + graph_time(bw_module, estimator), label
+    return sum(position_seconds(forward, backward, estimator, fusions)), label
 
 
 def forward_outputs(fw_module: fx.GraphModule) -> list[Any]:

@@ -218,7 +218,7 @@ def _solve(
     """The fastest plan under ``budget``, and what it offloads: without offloading, the
     budgeted solver's plan; with it, that plan and the plans that recompute less (at
     ``OFFLOAD_RELAXATIONS`` of the budget) with offloads that bring the peak back under
-    the budget, compared by estimated recompute time plus exposed transfer time."""
+    the budget, compared by estimated step time plus exposed transfer time."""
     if not options.offload:
         solution = solve_budget(problem, budget if budget is not None else int(UNBOUNDED))
         return solution, None, solution.peak

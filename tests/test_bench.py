@@ -8,6 +8,7 @@ All in-process and CPU-only except one worker subprocess on the tiny MLP (about 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -27,8 +28,10 @@ from benchmarks.measure import (
     WithLoss,
     checkpoint_blocks,
     label,
+    run_pair,
     run_worker,
     table,
+    time_pair,
 )
 from tests.zoo import ZOO, ZooCase
 
@@ -307,6 +310,20 @@ def test_worker_end_to_end_checkpoint_on_the_tiny_mlp() -> None:
     assert math.isfinite(result["loss"])
 
 
+def test_pair_worker_times_two_strategies_in_turn() -> None:
+    """Both strategies run in one fresh process, their steps interleaved; each reports
+    its own gradient check and times, and the ratio is of their medians."""
+    first = Job(SPEC, "eager", "time", warmup=1, steps=3, threads=1)
+    second = Job(SPEC, "checkpoint", "time", warmup=1, steps=3, threads=1)
+    pair = time_pair(first, second, timeout_s=120)
+    assert pair["first"]["strategy"] == "eager" and pair["second"]["strategy"] == "checkpoint"
+    assert len(pair["first"]["step_times_s"]) == len(pair["second"]["step_times_s"]) == 3
+    assert pair["second"]["grad_max_abs_err"] <= 1e-7, pair["second"]
+    assert pair["ratio"] == pytest.approx(pair["second"]["step_s"] / pair["first"]["step_s"])
+    with pytest.raises(ValueError, match="same number of steps"):
+        run_pair(first, dataclasses.replace(second, steps=2))
+
+
 def test_demo_prints_the_shared_table(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     from benchmarks import demo
 
@@ -334,17 +351,25 @@ def test_demo_prints_the_shared_table(monkeypatch: pytest.MonkeyPatch, capsys: A
 def test_budget_sweep_checks_catch_each_failure() -> None:
     from benchmarks.budget_sweep import Row, checks
 
-    def row(name: str, budget: float | None, peak: float, step: float | None) -> Row:
-        return Row(name, "remat", {}, budget and budget * 2**20, int(peak * 2**20), step)
+    def row(name: str, budget: float | None, peak: float, step: float | None, against: Row | None = None) -> Row:
+        """A row; a remat row's time was taken together with ``against`` (``measure_pair``)."""
+        found = Row(name, "remat", {}, budget and budget * 2**20, int(peak * 2**20), step)
+        if against is not None:
+            found.detail["timed_against"] = {"name": against.name, "step_s": against.step_s, "ratio": step / against.step_s}
+        return found
 
     pytorch = [row("pytorch 1.0", None, 100, 1.0), row("pytorch 0.5", None, 70, 1.3)]
-    good = checks(pytorch, [row("a", 100, 90, 0.9), row("b", 70, 60, 1.2)], [row("c", 80, 75, None)], row("low", None, 40, 1.2))
+    first, floor = pytorch
+    good = checks(
+        pytorch, [row("a", 100, 90, 0.9, first), row("b", 70, 60, 1.2, floor)], [row("c", 80, 75, None)],
+        row("low", None, 40, 1.2, floor),
+    )
     assert all(line.endswith("yes") for line in good), good
     bad = checks(
         pytorch,
-        [row("a", 100, 90, 1.1), row("b", 70, 95, 1.2)],  # a too slow; b over its budget and above a
+        [row("a", 100, 90, 1.1, first), row("b", 70, 95, 1.2, floor)],  # a too slow; b over its budget and above a
         [],
-        row("low", None, 60, 1.4),  # 0.86x PyTorch's lowest and slower
+        row("low", None, 60, 1.4, floor),  # 0.86x PyTorch's lowest and slower
     )
     assert [line.split(":")[0] for line in bad if "NO" in line] == [
         "monotone over 3 budgets", "honored (peak <= 1.05 x budget)", "dominance (time <= 1.02 x PyTorch's at its measured peak)",

@@ -156,6 +156,23 @@ def _reads_inline(node: fx.Node) -> bool:
     return _inlinable(node) or _packet(node) in STORED_READERS
 
 
+def inlined_by_inductor(node: fx.Node) -> bool:
+    """Whether Inductor can compute ``node`` inside the kernels that read it (a
+    pointwise or indexing op) rather than in a kernel of its own."""
+    return _inlinable(node)
+
+
+def reads_stored(node: fx.Node) -> bool:
+    """Whether ``node`` runs as a kernel that needs its inputs stored in memory (an
+    extern kernel: matmul, convolution, an op without a lowering), not one that
+    Inductor generates and that computes an inlined input where it reads it."""
+    return not (_is_alias(node) or _reads_inline(node))
+
+
+def is_reduction(node: fx.Node) -> bool:
+    return _packet(node) in REDUCTIONS
+
+
 @dataclass(frozen=True)
 class _Expression:
     """What a value's expression holds: the stored values it reads (``aligned``: those
@@ -189,12 +206,16 @@ class Fusion:
     copies: for a value a convolution reads (as it reads it: the value or a view of
         it) and that convolution, the stored value it is a copy of: the convolution
         reads a channels-last copy of its own, made where that value's kernel runs.
+    loads: for each value a kernel Inductor generates computes (stored, or local to
+        its fused kernel), the values its expression loads (those in ``inlined`` are
+        computed in the same fused kernel): what the kernel reads from memory.
     """
 
     inlined: set[fx.Node]
     runs_with: dict[fx.Node, fx.Node]
     in_place: dict[fx.Node, list[fx.Node]]
     copies: dict[tuple[fx.Node, fx.Node], fx.Node]
+    loads: dict[fx.Node, frozenset[fx.Node]]
 
 
 def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
@@ -234,7 +255,8 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
             inlined.add(node)
     runs_with = {node: first for node, first in called.items() if first is not node}
     copies = _channels_last_copies(nodes, kernels, members) if on_cpu else {}
-    return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index), copies)
+    loads = {node: expression.reads for node, expression in kernels.items()}
+    return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index), copies, loads)
 
 
 CONVOLUTIONS = frozenset({aten.convolution.default, aten.convolution_backward.default})
@@ -257,9 +279,7 @@ def _channels_last_copies(
     value); those strides are channels-last except after a reshape or an indexing op
     (the upsampling of a U-Net). Both happen in the backward of a recomputed
     convolution: the graph without one is not laid out channels-last."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return {}
-    if not any(node.target is aten.convolution.default for node in nodes):
+    if not lays_out_channels_last(nodes):
         return {}
     channels_last = _channels_last_layouts(nodes)
     copies = {}
@@ -276,6 +296,18 @@ def _channels_last_copies(
             if value in kernels and (viewed or shared):
                 copies[arg, reader] = value
     return copies
+
+
+def lays_out_channels_last(nodes: Sequence[fx.Node]) -> bool:
+    """Whether Inductor lays out the CPU graph running ``nodes`` channels-last: with
+    oneDNN, a graph with a convolution (``GraphLowering.decide_layout_opt`` looks for
+    ``aten.convolution`` only, so a backward with convolution_backward alone keeps
+    the default layout)."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and any(node.target is aten.convolution.default for node in nodes)
+    )
 
 
 def _channels_last_layouts(nodes: Sequence[fx.Node]) -> dict[fx.Node, bool]:

@@ -82,8 +82,14 @@ class MemoryTimeline:
         return sorted(live, key=lambda i: -i.nbytes)
 
 
-def _running_nodes(graph: fx.Graph) -> list[fx.Node]:
+def running_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The nodes of an extracted graph that run (neither its inputs nor its output)."""
     return [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def graph_fusion(graph: fx.Graph) -> Fusion:
+    """How Inductor compiles an extracted graph: its running nodes, returning its outputs."""
+    return fuse(running_nodes(graph), _outputs(graph))
 
 
 @dataclass
@@ -105,7 +111,7 @@ def simulate_step(
     positions: list[str] = []
     where: dict[fx.Node, int] = {}
     for name, graph in graphs:
-        for node in _running_nodes(graph):
+        for node in running_nodes(graph):
             where[node] = len(positions)
             positions.append(f"{name}:{node.name}")
     last = len(positions) - 1
@@ -124,9 +130,9 @@ def simulate_step(
     fusions: list[tuple[Fusion, dict[fx.Node, int], Callable[[fx.Node], _Storage | None]]] = []
     graph_start = 0
     for index, (name, graph) in enumerate(graphs):
-        nodes = _running_nodes(graph)
+        nodes = running_nodes(graph)
         graph_end = graph_start + len(nodes) - 1
-        fusion = fuse(nodes, _outputs(graph)) if fused else _UNFUSED
+        fusion = graph_fusion(graph) if fused else _UNFUSED
         runs_at = _kernel_positions(fusion, {n: where[n] for n in nodes})
         read_at = read_positions(nodes, runs_at, fusion)
         copies.extend(_copies(fusion, runs_at))
@@ -171,11 +177,17 @@ def simulate_step(
     return MemoryTimeline(positions, _sum_intervals(intervals, len(positions)), intervals, sum(resident.values()))
 
 
+def order_fusions(order: StepOrder) -> tuple[Fusion, Fusion]:
+    """How Inductor compiles the forward and the backward graph of ``order``."""
+    return fuse(order.forward, {*order.saved, *order.user_outputs}), fuse(order.backward, order.gradients)
+
+
 def simulate_order(
     order: StepOrder,
     fused: bool = False,
     offloads: Mapping[fx.Node, Window] | None = None,
     host_is_device: bool = False,
+    fusions: tuple[Fusion, Fusion] | None = None,
 ) -> MemoryTimeline:
     """The memory timeline of the partition described by ``order`` (see
     ``passes.schedule``), straight from the joint graph: the same accounting as
@@ -190,13 +202,16 @@ def simulate_order(
     ``fused``: both graphs compiled by Inductor rather than run op by op
     (``cost_models.fusion``): the values it inlines into their readers take no memory,
     fused kernels run together. The positions stay one per node (an inlined value's
-    position allocates nothing), so timelines of both kinds line up."""
+    position allocates nothing), so timelines of both kinds line up. ``fusions``:
+    ``order_fusions(order)``, where the caller has it already."""
     steps = [("forward", n) for n in order.forward] + [("backward", n) for n in order.backward]
     positions = [f"{phase}:{node.name}" for phase, node in steps]
     last = len(steps) - 1
     backward_start = len(order.forward)
-    fw_fusion = fuse(order.forward, {*order.saved, *order.user_outputs}) if fused else _UNFUSED
-    bw_fusion = fuse(order.backward, order.gradients) if fused else _UNFUSED
+    if not fused:
+        fw_fusion = bw_fusion = _UNFUSED
+    else:
+        fw_fusion, bw_fusion = fusions or order_fusions(order)
     fw_at = _kernel_positions(fw_fusion, {node: i for i, node in enumerate(order.forward)})
     bw_at = _kernel_positions(bw_fusion, {node: backward_start + i for i, node in enumerate(order.backward)})
     saved = set(order.saved)
@@ -301,7 +316,7 @@ def simulate_order(
     )
 
 
-_UNFUSED = Fusion(set(), {}, {}, {})
+_UNFUSED = Fusion(set(), {}, {}, {}, {})
 
 
 def _copies(fusion: Fusion, position: Mapping[fx.Node, int]) -> list[Interval]:

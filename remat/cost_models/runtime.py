@@ -64,7 +64,7 @@ def is_free(node: fx.Node) -> bool:
     return value is not None and not tensors_in(value)
 
 
-def _span_bytes(t: torch.Tensor) -> int:
+def span_bytes(t: torch.Tensor) -> int:
     """Bytes a kernel reads from ``t``: its elements, or fewer when strides overlap
     (an expanded bias reads its base once)."""
     shape = [size_hint(s) for s in t.shape]
@@ -85,7 +85,7 @@ def bytes_moved(node: fx.Node) -> int:
     read = 0
     for i, arg in enumerate(node.all_input_nodes):
         for t in tensors_in(arg.meta.get("val")):
-            nbytes = _span_bytes(t)
+            nbytes = span_bytes(t)
             read += min(nbytes, written) if i == 0 and _packet(node) in _GATHERS else nbytes
     return read + written
 
@@ -152,9 +152,15 @@ def roofline_time(node: fx.Node, profile: DeviceProfile) -> float:
     else:
         compute = vector_flops(node) / profile.vector_flops
     memory = bytes_moved(node) / profile.memory_bandwidth
-    # page faults run in the kernel, serially with the op's own work
-    faults = _first_touch_bytes(node, profile) / profile.first_touch_bandwidth if profile.first_touch_bandwidth else 0.0
-    return max(compute, memory) + faults + profile.op_overhead_s
+    return max(compute, memory) + first_touch_seconds(node, profile) + profile.op_overhead_s
+
+
+def first_touch_seconds(node: fx.Node, profile: DeviceProfile) -> float:
+    """Page faults on the node's freshly mapped outputs: they run in the kernel,
+    serially with the op's own work."""
+    if not profile.first_touch_bandwidth:
+        return 0.0
+    return _first_touch_bytes(node, profile) / profile.first_touch_bandwidth
 
 
 def roofline_estimator(profile: DeviceProfile) -> Estimator:
@@ -278,6 +284,7 @@ class ProfilingEstimator:
     def __init__(self, device: torch.device | str = "cpu", fallback: Estimator | None = None, repeats: int = 5) -> None:
         self.device = torch.device(device)
         self.fallback = fallback or roofline_estimator(profile_for_device(self.device))
+        self.profile = getattr(self.fallback, "profile", None)  # prices the kernels Inductor generates
         self.repeats = repeats
         self.cache: dict[tuple[str, str], float | None] = {}
 

@@ -5,8 +5,12 @@ groups; each group is one segment kept in some mode, or a run of segments recomp
 from the group's input:
 
 - ``save``: keep every value of the segment that the backward reads (no recompute);
+- ``fusible`` (graphs that Inductor compiles): recompute only what Inductor can
+  recompute inside the backward's own kernels: like ``mincut``, but never a value
+  that an extern kernel of the backward reads (``recompute_rules.stored_in_backward_reason``);
 - ``mincut``: keep the fewest bytes, recomputing cheap ops but never matmul,
-  convolution or attention (a min-cut inside the segment);
+  convolution, attention or a reduction that shrinks its input (a min-cut inside the
+  segment);
 - ``heavy``: keep only matmul, convolution and attention outputs, recompute the rest;
 - ``recompute``: keep only the group's input (and what can never be recomputed:
   random ops, ops with side effects, excluded modules); the backward recomputes the
@@ -16,8 +20,9 @@ The peak of a plan is modelled per segment from simulations of the whole step wi
 every segment in one mode (``GroupCost``): what a segment keeps adds to the memory
 of everything after it in the forward and of its own part of the backward, on top of
 the segment's own working set there. A dynamic program over the chain, with the
-bytes kept so far as its state, finds the plan of least estimated recompute time
-whose modelled peak fits; the exact simulator (``memory.simulate_order``) then checks
+bytes kept so far as its state, finds the plan of least estimated step time
+(``cost_models.step_time``: op by op, or as Inductor fuses the graphs) whose modelled
+peak fits; the exact simulator (``memory.simulate_order``) then checks
 the plan and the budget given to the model is corrected until the simulated peak
 fits. ``solve_ilp`` solves the same model exactly with scipy's ``milp``, to check the
 dynamic program against.
@@ -34,14 +39,19 @@ import torch.fx as fx
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from remat._torch_internals import JointInfo, is_primal, storage_key
-from remat.cost_models.memory import MemoryTimeline, simulate_order
-from remat.cost_models.sizes import human_bytes, storage_size, tensors_in
-from remat.passes.recompute_rules import ban_reason, heavy_reason, is_heavy, is_view, source_op
+from remat.cost_models.memory import MemoryTimeline, order_fusions, simulate_order
+from remat.cost_models.fusion import inlined_by_inductor, lays_out_channels_last
+from remat.cost_models.sizes import graph_device, human_bytes, storage_size, tensors_in
+from remat.cost_models.step_time import position_seconds
+from remat.passes.recompute_rules import (
+    ban_reason, heavy_reason, is_heavy, is_view, reduction_reason, source_op, stored_in_backward_reason,
+)
 from remat.passes.remat import cheapest_saved
-from remat.passes.schedule import StepOrder, complete_saved_set, recomputed_nodes, step_order
+from remat.passes.schedule import StepOrder, complete_saved_set, step_order
 from remat.passes.segments import Segment, find_segments, remap
 
-KEEP_MODES = ("save", "mincut", "heavy")
+FUSIBLE = "fusible"
+KEEP_MODES = ("save", FUSIBLE, "mincut", "heavy")
 RECOMPUTE = "recompute"
 BUCKETS = 2048
 MAX_BUCKETS = 8 * BUCKETS
@@ -62,7 +72,9 @@ class Group:
 class GroupCost:
     """A group in the peak model: the bytes it keeps for the backward (``kept``), its
     own peak above the bytes kept before it, per segment, in the forward and in the
-    backward (``peaks``; ``top`` is their maximum), and the estimated time it recomputes."""
+    backward (``peaks``; ``top`` is their maximum), and the estimated time of its part
+    of the step (its forward, its backward and what that recomputes: under Inductor,
+    keeping a value has a price too)."""
 
     group: Group
     kept: float
@@ -76,13 +88,19 @@ class GroupCost:
 
 @dataclass
 class Solution:
-    """A plan: its groups, the saved values, the simulated timeline and estimated time."""
+    """A plan: its groups, the saved values, the simulated timeline and the estimated
+    seconds of each of its positions (``step_time``)."""
 
     groups: list[Group]
     saved: list[fx.Node]
     order: StepOrder
     timeline: MemoryTimeline
-    seconds: float
+    position_seconds: list[float]
+
+    @property
+    def seconds(self) -> float:
+        """Estimated seconds of the whole step."""
+        return float(sum(self.position_seconds))
 
     @property
     def peak(self) -> int:
@@ -93,10 +111,11 @@ def simulate_saved(
     graph: fx.Graph, saved: list[fx.Node], num_fwd_outputs: int, seconds: Callable[[fx.Node], float], fused: bool
 ) -> Solution:
     """The step that keeps ``saved`` (a complete saved set): its order, simulated
-    timeline (``fused``: as Inductor compiles it) and estimated recompute time."""
+    timeline and estimated time (``fused``: as Inductor compiles it)."""
     order = step_order(graph, saved, num_fwd_outputs)
-    recompute = sum(seconds(n) for n in recomputed_nodes(order))
-    return Solution([], saved, order, simulate_order(order, fused=fused), recompute)
+    fusions = order_fusions(order) if fused else None
+    timeline = simulate_order(order, fused=fused, fusions=fusions)
+    return Solution([], saved, order, timeline, position_seconds(order.forward, order.backward, seconds, fusions))
 
 
 class InfeasibleBudget(ValueError):
@@ -136,7 +155,9 @@ class BudgetProblem:
         self.info = info
         self.num_fwd_outputs = num_fwd_outputs
         self.seconds = functools.cache(seconds)  # every simulated plan sums the same nodes' estimates
-        self.modes = tuple(modes)
+        # "fusible" and rebuilt inputs are about what Inductor fuses: op by op they are
+        # recomputation like any other
+        self.modes = tuple(m for m in modes if fused or m != FUSIBLE)
         self.segments = find_segments(graph, info) if segments is None else segments
         self.segment_of = {node: s.index for s in self.segments for node in s.nodes}
         forward = [n for n in graph.nodes if n in info.required_fw]
@@ -174,7 +195,15 @@ class BudgetProblem:
                 if mode == "save":
                     bans, no_keep = {n.name for n in region if not is_view(n)}, frozenset()
                 elif mode == "mincut":
-                    bans, no_keep = banned_names | {n.name for n in region if heavy_reason(n)}, frozenset()
+                    bans = banned_names | {n.name for n in region if heavy_reason(n) or reduction_reason(n)}
+                    no_keep = frozenset()
+                elif mode == FUSIBLE:
+                    bans = banned_names | {
+                        n.name
+                        for n in region
+                        if heavy_reason(n) or reduction_reason(n) or stored_in_backward_reason(n, self._in_backward)
+                    }
+                    no_keep = frozenset()
                 else:  # heavy
                     bans = banned_names | {n.name for n in region if is_heavy(n)}
                     no_keep = frozenset(
@@ -182,6 +211,9 @@ class BudgetProblem:
                     )
                 saved, _ = cheapest_saved(region, self.info, banned=bans, no_keep=no_keep)
                 self._pieces[segment.index, mode] = saved
+
+    def _in_backward(self, node: fx.Node) -> bool:
+        return node not in self.info.required_fw
 
     def group_saved(self, group: Group) -> list[fx.Node]:
         """What a group keeps, besides what ``complete_saved_set`` adds."""
@@ -195,8 +227,46 @@ class BudgetProblem:
         return list(inputs)
 
     def saved_values(self, groups: Iterable[Group]) -> list[fx.Node]:
+        groups = list(groups)
         chosen = [n for g in groups for n in self.group_saved(g)]
+        if self.fused:
+            dropped = set(self._rebuildable_inputs(groups, set(chosen)))
+            chosen = [n for n in chosen if n not in dropped]
         return complete_saved_set(self.graph, chosen, self.num_fwd_outputs, set(self.banned))
+
+    def _rebuildable_inputs(self, groups: Sequence[Group], kept: set[fx.Node]) -> list[fx.Node]:
+        """Group inputs that the backward can rebuild from other kept values with
+        pointwise ops alone, which fuse into the kernels that read them: a group keeps
+        its inputs, but an input made by another segment (a U-Net's skip connection)
+        is often one pointwise step from what that segment keeps (GroupNorm and SiLU
+        of a kept convolution output, with its statistics). "save" and "fusible"
+        groups keep theirs (rebuilt, a value that an extern kernel reads is stored)."""
+        inputs = dict.fromkeys(
+            n for g in groups if g.mode not in ("save", FUSIBLE)
+            for n in (self.segments[g.first].inputs if g.mode != RECOMPUTE else self.group_saved(g))
+        )
+        dropped: list[fx.Node] = []
+        for node in inputs:
+            if self._rebuilt_from(node, kept - {node}):
+                kept = kept - {node}
+                dropped.append(node)
+        return dropped
+
+    def _rebuilt_from(self, node: fx.Node, kept: set[fx.Node], limit: int = 32) -> bool:
+        """Whether ``node`` is a pointwise function of ``kept`` values and parameters,
+        through at most ``limit`` ops that may be recomputed."""
+        pending, seen = [node], set()
+        while pending:
+            current = pending.pop()
+            if current in seen or current in kept or is_primal(current):
+                continue
+            seen.add(current)
+            if len(seen) > limit or current in self.banned or current.op != "call_function":
+                return False
+            if not (is_view(current) or inlined_by_inductor(current)):
+                return False
+            pending.extend(current.all_input_nodes)
+        return True
 
     def simulate(self, groups: Sequence[Group]) -> Solution:
         """The plan of ``groups``, simulated once (calibration, the budget's fraction
@@ -235,33 +305,33 @@ class BudgetProblem:
         kept: dict[tuple[int, str], float] = {}
         forward_peak: dict[tuple[int, str], float] = {}
         backward_peak: dict[tuple[int, str], float] = {}
-        recompute_seconds: dict[tuple[int, str], float] = {}
+        segment_seconds: dict[tuple[int, str], float] = {}
         for mode in self.modes:
             groups = [Group(i, i, mode) for i in range(count)]
             solution = self.simulate(groups)
             timeline, order = solution.timeline, solution.order
             saved = set(solution.saved)
             for i, group in enumerate(groups):
-                kept[i, mode] = self._bytes(self.group_saved(group)) + self._bytes(
+                kept[i, mode] = self._bytes(n for n in self.group_saved(group) if n in saved) + self._bytes(
                     n for n in self.segments[i].nodes if n in self.banned and n in saved
                 )
             prefix = np.concatenate([[0.0], np.cumsum([kept[i, mode] for i in range(count)])])
             fw_max = np.full(count, -np.inf)
             bw_max = np.full(count, -np.inf)
+            spent = np.zeros(count)
             for position, node in enumerate(order.forward):
                 if node in self.segment_of:
                     k = self.segment_of[node]
                     fw_max[k] = max(fw_max[k], timeline.live_bytes[position])
+                    spent[k] += solution.position_seconds[position]
             start = len(order.forward)
             for offset, k in enumerate(self._backward_owners(order.backward)):
                 bw_max[k] = max(bw_max[k], timeline.live_bytes[start + offset])
-            recomputed = recomputed_nodes(order)
+                spent[k] += solution.position_seconds[start + offset]
             for k in range(count):
                 forward_peak[k, mode] = (fw_max[k] - prefix[k]) if np.isfinite(fw_max[k]) else 0.0
                 backward_peak[k, mode] = (bw_max[k] - prefix[k]) if np.isfinite(bw_max[k]) else 0.0
-                recompute_seconds[k, mode] = sum(
-                    self.seconds(n) for n in self.segments[k].nodes if n in recomputed
-                )
+                segment_seconds[k, mode] = float(spent[k])
         read_by_backward = {
             k: self._bytes(
                 n for n in s.nodes if any(u not in self.info.required_fw for u in n.users)
@@ -273,13 +343,13 @@ class BudgetProblem:
             if group.mode != RECOMPUTE:
                 k, mode = group.first, group.mode
                 peak = max(forward_peak[k, mode], backward_peak[k, mode])
-                costs[group] = GroupCost(group, kept[k, mode], np.array([peak]), recompute_seconds[k, mode])
+                costs[group] = GroupCost(group, kept[k, mode], np.array([peak]), segment_seconds[k, mode])
         if RECOMPUTE not in self.modes:
             return costs
         banned_bytes = np.array(
             [self._bytes(n for n in s.nodes if n in self.banned) for s in self.segments]
         )
-        seconds = np.array([recompute_seconds[k, RECOMPUTE] for k in range(count)])
+        seconds = np.array([segment_seconds[k, RECOMPUTE] for k in range(count)])
         by_first: dict[int, list[Group]] = {}
         for group in self.candidate_groups():
             if group.mode == RECOMPUTE:
@@ -343,6 +413,21 @@ class BudgetProblem:
             result[index] = following
         return result
 
+    def preferred_costs(self) -> list[GroupCost]:
+        """The groups a plan uses where it can meet the budget with them alone. On the
+        CPU, Inductor lays out a backward that recomputes a convolution channels-last
+        (``fusion.lays_out_channels_last``), and then all its generated kernels run in
+        that layout: on the U-Net, recomputing the last two convolutions made the
+        backward's kernels 1.4x slower (64 to 89 ms in a 225 ms step), which the time
+        model does not see. So groups that recompute a convolution come second there."""
+        if not self.fused or graph_device(self.graph).type != "cpu":
+            return list(self.costs.values())
+        return [
+            cost for cost in self.costs.values()
+            if cost.group.mode != RECOMPUTE
+            or not lays_out_channels_last([n for s in self.segments[cost.group.first : cost.group.last + 1] for n in s.nodes])
+        ]
+
     def candidate_groups(self) -> list[Group]:
         count = len(self.segments)
         groups = [Group(i, i, m) for i in range(count) for m in self.modes if m != RECOMPUTE]
@@ -354,18 +439,19 @@ class BudgetProblem:
         return groups + [Group(a, b - 1, RECOMPUTE) for a, b in zip(bounds, bounds[1:]) if a < b]
 
 
-def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
-    """The least total recompute time whose modelled peak (above resident bytes) fits
+def solve_dp(problem: BudgetProblem, budget: float, costs: Sequence[GroupCost] | None = None) -> list[Group] | None:
+    """The least estimated step time whose modelled peak (above resident bytes) fits
     ``budget``, up to the bucketing: a dynamic program over the chain. Its state is
     the bytes kept so far, in buckets of ``budget / BUCKETS`` (kept bytes may pass the
     budget where later segments peak lower, as the last ones do in the backward);
     each bucket holds the fastest partial plan that reaches it and that plan's exact
     bytes, so every fit is checked exactly, though a slower plan with fewer bytes in
-    the same bucket is dropped. None if nothing fits."""
+    the same bucket is dropped. ``costs``: the groups it may use (all by default).
+    None if nothing fits."""
     count = len(problem.segments)
     if budget <= 0:
         return None
-    costs = list(problem.costs.values())
+    costs = list(problem.costs.values() if costs is None else costs)
     by_start: dict[int, list[int]] = {}
     for index, cost in enumerate(costs):
         by_start.setdefault(cost.group.first, []).append(index)
@@ -440,15 +526,34 @@ def model_seconds(problem: BudgetProblem, groups: Sequence[Group]) -> float:
 
 def solve_budget(problem: BudgetProblem, budget: int) -> Solution:
     """The fastest plan whose simulated peak fits ``budget`` (whole step, resident
-    bytes included). The model's budget is corrected by the simulated error until
-    the plan fits; raises ``InfeasibleBudget`` with the lowest plan if none does."""
+    bytes included): from the preferred groups if any of their plans fits
+    (``BudgetProblem.preferred_costs``), else from all. Raises ``InfeasibleBudget``
+    with the lowest plan if none fits."""
+    best, lowest = _fit(problem, budget, problem.preferred_costs())
+    if best is None and len(problem.preferred_costs()) < len(problem.costs):
+        best, lowest_of_all = _fit(problem, budget, list(problem.costs.values()))
+        lowest = min((s for s in (lowest, lowest_of_all) if s is not None), key=lambda s: s.peak, default=None)
+    if best is not None:
+        return best
+    floor = lowest_plan(problem)
+    if lowest is None or floor.peak < lowest.peak:
+        lowest = floor
+    if lowest.peak <= budget:
+        return lowest
+    raise InfeasibleBudget(budget, lowest)
+
+
+def _fit(problem: BudgetProblem, budget: int, costs: Sequence[GroupCost]) -> tuple[Solution | None, Solution | None]:
+    """The fastest plan of ``costs``' groups that fits ``budget``, if one is found, and
+    the lowest plan simulated on the way. The model's budget is corrected by the
+    simulated error until the plan fits; if that fails, bisection searches it."""
     resident = problem.resident
     best: Solution | None = None
     lowest: Solution | None = None
     target = float(budget)
     tried: set[tuple[Group, ...]] = set()
     for _ in range(CORRECTIONS):
-        groups = solve_dp(problem, target - resident)
+        groups = solve_dp(problem, target - resident, costs)
         if groups is None:
             break
         key = tuple(groups)
@@ -467,23 +572,18 @@ def solve_budget(problem: BudgetProblem, budget: int) -> Solution:
     low, high = 0.0, float(budget) - resident
     for _ in range(BISECTIONS if best is None else 0):  # the corrections failed: search
         middle = (low + high) / 2
-        groups = solve_dp(problem, middle)
+        groups = solve_dp(problem, middle, costs)
         if groups is None:
             low = middle
             continue
         solution = problem.simulate(groups)
+        if lowest is None or solution.peak < lowest.peak:
+            lowest = solution
         if solution.peak <= budget:
             best, low = solution, middle
         else:
             high = middle
-    if best is not None:
-        return best
-    floor = lowest_plan(problem)
-    if lowest is None or floor.peak < lowest.peak:
-        lowest = floor
-    if lowest.peak <= budget:
-        return lowest
-    raise InfeasibleBudget(budget, lowest)
+    return best, lowest
 
 
 def lowest_plan(problem: BudgetProblem) -> Solution:

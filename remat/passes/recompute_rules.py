@@ -10,11 +10,14 @@ for it: recomputing them costs the most time per byte saved.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 
 from remat._torch_internals import checkpoint_policy, is_builtin_op, is_primal
+from remat.cost_models.fusion import is_reduction, reads_stored
+from remat.cost_models.sizes import tensor_size, tensors_in
 
 aten = torch.ops.aten
 
@@ -75,6 +78,43 @@ def is_heavy(node: fx.Node) -> bool:
     recomputing them costs the most time per byte."""
     node = source_op(node)
     return isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket in HEAVY_OPS
+
+
+def reduction_reason(node: fx.Node) -> str | None:
+    """Why not to recompute ``node``: a reduction that shrinks its input 4x or more
+    (normalization statistics). Recomputing it reads its whole input again to save a
+    few bytes, and Inductor's reductions cannot be inlined into their readers (on the
+    CPU, GroupNorm's over a channels-last input ran 2-3x slower in the backward than
+    keeping its statistics, issue 4). A preference, like ``heavy_reason``."""
+    op = source_op(node)
+    if is_reduction(op) and 4 * _value_bytes(op) <= sum(_value_bytes(a) for a in op.all_input_nodes):
+        return "reduction that shrinks its input (recomputing it reads the input again)"
+    return None
+
+
+def stored_in_backward_reason(node: fx.Node, in_backward: Callable[[fx.Node], bool]) -> str | None:
+    """Why recomputing ``node`` would not fuse into the backward's kernels under
+    Inductor: an extern kernel of the backward (a convolution's or matmul's gradient)
+    reads it, so the recomputed value is stored there anyway. A preference;
+    ``in_backward`` tells the backward's nodes. A view is never kept (its base is)."""
+    if is_view(node):
+        return None
+    pending, seen = [node], set()
+    while pending:  # the value, its views and their readers
+        value = pending.pop()
+        for user in value.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_view(user) or user.target is operator.getitem:
+                pending.append(user)
+            elif in_backward(user) and reads_stored(user):
+                return f"read by {user.target} in the backward (recomputed, it would be stored there)"
+    return None
+
+
+def _value_bytes(node: fx.Node) -> int:
+    return sum(tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
 
 
 def heavy_reason(node: fx.Node) -> str | None:
