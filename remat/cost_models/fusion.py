@@ -207,8 +207,9 @@ class Fusion:
         it) and that convolution, the stored value it is a copy of: the convolution
         reads a channels-last copy of its own, made where that value's kernel runs.
     loads: for each value a kernel Inductor generates computes (stored, or local to
-        its fused kernel), the values its expression loads (those in ``inlined`` are
-        computed in the same fused kernel): what the kernel reads from memory.
+        its fused kernel), the stored values its expression loads from outside its
+        fused kernel (those in ``inlined`` are computed in the same fused kernel too):
+        what the kernel reads from memory.
     """
 
     inlined: set[fx.Node]
@@ -255,7 +256,10 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
             inlined.add(node)
     runs_with = {node: first for node, first in called.items() if first is not node}
     copies = _channels_last_copies(nodes, kernels, members) if on_cpu else {}
-    loads = {node: expression.reads for node, expression in kernels.items()}
+    loads = {  # a value made in the same fused kernel is read where it is computed
+        node: frozenset(v for v in expression.reads if leader.get(_source(v), v) is not leader[node])
+        for node, expression in kernels.items()
+    }
     return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index), copies, loads)
 
 

@@ -6,7 +6,8 @@ the joint graph and a saved set, this module lists the nodes of the forward grap
 of the backward graph in the order the partitioner will emit them:
 
 - the forward runs every forward node that a forward output or a saved value needs,
-  in the joint graph's order;
+  in the joint graph's order; a saved value the backward does not read is not saved
+  (PyTorch's partitioner drops it);
 - the backward runs what the gradients need, computed from the saved values and the
   tangents, recomputing forward nodes that were not saved; each recomputation is
   placed just before its first use (the order of ``reordering_to_mimic_autograd_engine``,
@@ -118,11 +119,12 @@ def step_order(joint: fx.Graph, saved: Sequence[fx.Node], num_fwd_outputs: int) 
     placeholders = set(joint.find_nodes(op="placeholder"))
     primals = {n for n in placeholders if is_primal(n)}
 
-    forward_needed = _ancestors([*user_outputs, *saved], stop=primals)
-    forward = [n for n in nodes if n in forward_needed and n.op == "call_function"]
-
     inputs = set(saved) | {n for n in placeholders if not is_primal(n)}
     backward_needed = _ancestors(gradients, stop=inputs)
+    saved = [n for n in saved if n in backward_needed]  # the partitioner drops what the backward does not read
+
+    forward_needed = _ancestors([*user_outputs, *saved], stop=primals)
+    forward = [n for n in nodes if n in forward_needed and n.op == "call_function"]
     extracted = [n for n in nodes if n in backward_needed and n.op == "call_function" and n not in inputs]
     backward = _just_in_time(extracted, gradients, order)
     return StepOrder(forward, backward, list(saved), user_outputs, gradients)
