@@ -67,11 +67,13 @@ class MemoryPrediction:
 class Plan:
     """Decisions for one graph. ``saved_bytes`` counts each kept storage once,
     leaving out parameters and inputs (and views of them), which live anyway.
-    ``memory`` and ``estimated_time_s`` predict a step run op by op (the eager inner
-    compiler); under Inductor, fusion removes intermediates and kernels, so they
-    overestimate. ``fused_memory`` predicts the memory of the same two graphs compiled
-    by Inductor, whose fused kernels store fewer intermediates
-    (``cost_models.fusion``), whichever inner compiler this plan was made for.
+    ``memory`` predicts a step run op by op (the eager inner compiler); under
+    Inductor, fusion removes intermediates and kernels, so it overestimates.
+    ``fused_memory`` predicts the memory of the same two graphs compiled by Inductor,
+    whose fused kernels store fewer intermediates (``cost_models.fusion``), whichever
+    inner compiler this plan was made for. ``estimated_time_s`` is the step time as
+    this plan's inner compiler runs it: op by op, or as Inductor fuses it
+    (``cost_models.step_time``); ``time_estimator`` says which.
 
     With offloading: ``offloaded_bytes`` moved to host memory (``host_peak_bytes`` of
     host copies at once), ``transfer_s`` of copies in both directions, of which

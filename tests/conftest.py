@@ -21,6 +21,20 @@ for profile, examples in (("default", 100), ("slow", 2000)):
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_calibration_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Calibrations made while the tests run (the machine busy with them) go to a
+    directory of this session, never to the user's ``~/.cache/remat``, where they
+    would price every later plan."""
+    previous = os.environ.get("REMAT_CACHE_DIR")
+    os.environ["REMAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("remat-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("REMAT_CACHE_DIR", None)
+    else:
+        os.environ["REMAT_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test compiles from scratch: no cache entries or recompile limits carried over."""

@@ -372,6 +372,10 @@ def test_budget_sweep_checks_catch_each_failure() -> None:
         row("low", None, 60, 1.4, floor),  # 0.86x PyTorch's lowest and slower
     )
     assert [line.split(":")[0] for line in bad if "NO" in line] == [
-        "monotone over 3 budgets", "honored (peak <= 1.05 x budget)", "dominance (time <= 1.02 x PyTorch's at its measured peak)",
-        "lowest plan",
+        "monotone over 3 budgets", "honored (peak <= 1.05 x budget, 2 feasible budgets)",
+        "dominance (time <= 1.02 x PyTorch's at its measured peak)", "lowest plan",
     ], bad
+    beyond = row("b", 70, 95, 1.2, floor)
+    beyond.detail["infeasible"] = True  # a budget under remat's lowest simulated peak is not checked
+    lines = checks(pytorch, [row("a", 100, 98, 0.9, first), beyond], [], row("low", None, 40, 1.2, floor))
+    assert "honored (peak <= 1.05 x budget, 1 feasible budgets; below remat's lowest simulated peak, so not checked: b): yes" in lines

@@ -187,6 +187,20 @@ def test_calibration_key_includes_thread_count(tmp_path, monkeypatch, counting):
     assert len(json.loads((tmp_path / devices.CACHE_FILE).read_text())) == 2
 
 
+def test_a_calibration_of_a_busy_machine_is_used_but_not_cached(tmp_path, monkeypatch, caplog):
+    """Exp at 0.33 GFLOP/s and copies at 3.8 GB/s were once cached here (two threads
+    on two busy cores) and priced every later plan: such a profile is not written."""
+    monkeypatch.setenv("REMAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(devices, "_memo", {})
+    busy = dataclasses.replace(FIXED_CPU, vector_flops=3.3e8, memory_bandwidth=3.8e9)
+    monkeypatch.setattr(devices, "calibrate", lambda device: busy)
+    with caplog.at_level("WARNING", logger="remat"):
+        assert get_profile("cpu") == busy
+    assert "elementwise math at 0.33 GFLOP/s" in caplog.text and "not caching it" in caplog.text
+    assert not (tmp_path / devices.CACHE_FILE).exists()
+    assert devices.implausible(FIXED_CPU) is None
+
+
 def test_unwritable_cache_dir_is_not_fatal(tmp_path, monkeypatch, counting):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -284,6 +284,25 @@ def calibrate(device: torch.device | str = "cpu", rounds: int = 3) -> DeviceProf
     )
 
 
+# Rates no current CPU or GPU measures below, even on one core: a calibration under
+# them timed a busy machine (seen here: exp at 0.33 GFLOP/s and copies at 3.8 GB/s, 60x
+# and 40x below the same machine idle, with two threads on two busy cores).
+PLAUSIBLE_FLOPS = 1e9
+PLAUSIBLE_BANDWIDTH = 1e9
+
+
+def implausible(profile: DeviceProfile) -> str | None:
+    """What in a calibrated profile is too slow to be true, or None."""
+    found = []
+    if profile.vector_flops < PLAUSIBLE_FLOPS:
+        found.append(f"elementwise math at {profile.vector_flops / 1e9:.2f} GFLOP/s")
+    if profile.memory_bandwidth < PLAUSIBLE_BANDWIDTH:
+        found.append(f"memory at {profile.memory_bandwidth / 1e9:.2f} GB/s")
+    if profile.matmul_flops.get("float32", math.inf) < PLAUSIBLE_FLOPS:
+        found.append(f"float32 matmuls at {profile.matmul_flops['float32'] / 1e9:.2f} GFLOP/s")
+    return ", ".join(found) or None
+
+
 def device_model(device: torch.device) -> str:
     """A readable name of the hardware: the CPU model, or the accelerator's name."""
     if device.type == "cuda":
@@ -368,7 +387,14 @@ def calibrated_profile(device: torch.device | str = "cpu", *, refresh: bool = Fa
         start = time.perf_counter()
         profile = calibrate(device)
         log.info("remat: calibrated %s in %.2f s: %s", device, time.perf_counter() - start, profile)
-        _write_cache(path, key, profile)
+        doubt = implausible(profile)
+        if doubt is None:
+            _write_cache(path, key, profile)
+        else:
+            log.warning(
+                "remat: the %s calibration measured %s, far below any current hardware (was the machine busy, "
+                "or its cores oversubscribed?); using it in this process only, not caching it", device, doubt,
+            )
     _memo[key] = profile
     return _with_process_settings(profile)
 

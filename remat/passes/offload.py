@@ -22,7 +22,8 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import is_primal, size_hint, storage_key
-from remat.cost_models.memory import MemoryTimeline, simulate_order
+from remat.cost_models.memory import MemoryTimeline, order_fusions, simulate_order
+from remat.cost_models.step_time import position_seconds
 from remat.cost_models.sizes import human_bytes, node_tensor, storage_bytes
 from remat.cost_models.transfers import Transfer, TransferSchedule, reload_position, copy_seconds, schedule_transfers
 from remat.passes.recompute_rules import is_view
@@ -110,7 +111,8 @@ class OffloadProblem:
         self.bandwidth = bandwidth
         self.fused = fused
         self.host_is_device = host_is_device
-        self.seconds = [seconds(n) for n in (*order.forward, *order.backward)]
+        self.fusions = order_fusions(order) if fused else None
+        self.seconds = position_seconds(order.forward, order.backward, seconds, self.fusions)
         self.backward_start = len(order.forward)
         shared = shared_storages(order.saved)
         users = set(order.user_outputs)
@@ -147,7 +149,9 @@ class OffloadProblem:
             self.seconds, self.backward_start, [self.transfers[n] for n in offloaded], self.bandwidth
         )
         windows = {node: schedule.windows[node] for node in offloaded}
-        timeline = simulate_order(self.order, fused=self.fused, offloads=windows, host_is_device=self.host_is_device)
+        timeline = simulate_order(
+            self.order, fused=self.fused, offloads=windows, host_is_device=self.host_is_device, fusions=self.fusions
+        )
         return OffloadOutcome(list(offloaded), timeline, schedule)
 
     def choose(self, budget: int) -> OffloadOutcome | None:
