@@ -170,6 +170,7 @@ def reads_stored(node: fx.Node) -> bool:
 
 
 def is_reduction(node: fx.Node) -> bool:
+    """A reduction Inductor generates a kernel of its own for (it cannot be inlined)."""
     return _packet(node) in REDUCTIONS
 
 

@@ -427,10 +427,10 @@ class BudgetProblem:
         model does not see. So groups that recompute a convolution come second there."""
         if not self.fused or graph_device(self.graph).type != "cpu":
             return list(self.costs.values())
+        convolutions = np.cumsum([0, *(lays_out_channels_last(s.nodes) for s in self.segments)])
         return [
             cost for cost in self.costs.values()
-            if cost.group.mode != RECOMPUTE
-            or not lays_out_channels_last([n for s in self.segments[cost.group.first : cost.group.last + 1] for n in s.nodes])
+            if cost.group.mode != RECOMPUTE or convolutions[cost.group.last + 1] == convolutions[cost.group.first]
         ]
 
     def candidate_groups(self) -> list[Group]:
@@ -534,8 +534,9 @@ def solve_budget(problem: BudgetProblem, budget: int) -> Solution:
     bytes included): from the preferred groups if any of their plans fits
     (``BudgetProblem.preferred_costs``), else from all. Raises ``InfeasibleBudget``
     with the lowest plan if none fits."""
-    best, lowest = _fit(problem, budget, problem.preferred_costs())
-    if best is None and len(problem.preferred_costs()) < len(problem.costs):
+    preferred = problem.preferred_costs()
+    best, lowest = _fit(problem, budget, preferred)
+    if best is None and len(preferred) < len(problem.costs):
         best, lowest_of_all = _fit(problem, budget, list(problem.costs.values()))
         lowest = min((s for s in (lowest, lowest_of_all) if s is not None), key=lambda s: s.peak, default=None)
     if best is not None:
@@ -575,9 +576,8 @@ def _fit(problem: BudgetProblem, budget: int, costs: Sequence[GroupCost]) -> tup
         else:
             target -= solution.peak - budget
     if best is not None:  # the model's times are not exact: leaner plans may run faster
-        fitted = float(budget)
         for step in range(1, LADDER + 1):
-            groups = solve_dp(problem, fitted * (1 - LADDER_STEP * step) - resident, costs)
+            groups = solve_dp(problem, budget * (1 - LADDER_STEP * step) - resident, costs)
             if groups is None:
                 break
             solution = problem.simulate(groups)
