@@ -19,7 +19,7 @@ from remat.cost_models.runtime import Estimator, make_estimator
 from remat.cost_models.sizes import graph_device
 from remat.options import RematOptions
 from remat.passes.offload import OffloadOutcome, OffloadProblem
-from remat.passes.schedule import step_order
+from remat.passes.schedule import StepOrder, step_order
 from remat.tags import tagged_values
 
 
@@ -52,14 +52,14 @@ def offload_tags(options: RematOptions, graph: fx.Graph) -> dict[fx.Node, str]:
 
 
 def offload_problem(
-    graph: fx.Graph, saved: list[fx.Node], num_fwd_outputs: int, options: RematOptions, estimator: Estimator, fused: bool
+    graph: fx.Graph, order: StepOrder, options: RematOptions, estimator: Estimator, fused: bool
 ) -> OffloadProblem:
-    """The values of the partition that keeps ``saved`` that may be offloaded
-    (``fused``: memory simulated as Inductor runs the graphs)."""
+    """The values of the partition of ``graph`` that runs ``order`` (``passes.schedule``)
+    that may be offloaded (``fused``: memory simulated as Inductor runs the graphs)."""
     device = graph_device(graph)
     tags = offload_tags(options, graph) if options.offload_only else None
     return OffloadProblem(
-        step_order(graph, saved, num_fwd_outputs),
+        order,
         estimator,
         host_bandwidth(options, device),
         min_bytes=options.offload_min_bytes if tags is None else 0,
@@ -115,7 +115,7 @@ def choose_offloads(
     if not options.offload:
         return None
     estimator = make_estimator(options.time_estimator, graph_device(graph))
-    problem = offload_problem(graph, saved, num_fwd_outputs, options, estimator, fused)
+    problem = offload_problem(graph, step_order(graph, saved, num_fwd_outputs), options, estimator, fused)
     outcome = pick_offloads(problem, options, None)
     assert outcome is not None  # no budget to miss
     return describe_offloads(graph, problem, outcome, options)

@@ -236,7 +236,7 @@ def _solve(
         if tuple(solution.groups) in tried:
             continue
         tried.add(tuple(solution.groups))
-        offloads = offload_problem(problem.graph, solution.saved, problem.num_fwd_outputs, options, problem.seconds, problem.fused)
+        offloads = offload_problem(problem.graph, solution.order, options, problem.seconds, problem.fused)
         outcome = pick_offloads(offloads, options, budget)
         if outcome is None:
             continue
@@ -291,7 +291,7 @@ def _choose_tagged(
         budget = resolve_budget(options, plan.timeline.resident_bytes, save_peak, device)
     offload, peak = None, plan.peak
     if options.offload:
-        offloads = offload_problem(graph, saved, num_fwd_outputs, options, estimator, fused_model(options))
+        offloads = offload_problem(graph, plan.order, options, estimator, fused_model(options))
         outcome = pick_offloads(offloads, options, budget) or offloads.evaluate(
             offloads.candidates if options.offload is True else []
         )

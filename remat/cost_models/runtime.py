@@ -21,7 +21,7 @@ from torch.fx.node import map_aggregate, map_arg
 from remat._torch_internals import is_builtin_op, is_op_overload, real_kernels, size_hint
 from remat.cost_models.devices import TRANSCENDENTAL_FLOPS, DeviceProfile, profile_for_device, time_call
 from remat.cost_models.flops import node_flops
-from remat.cost_models.sizes import tensor_size, tensors_in
+from remat.cost_models.sizes import tensor_size, tensors_in, value_bytes
 from remat.passes.recompute_rules import is_view
 
 log = logging.getLogger("remat")
@@ -81,7 +81,7 @@ def bytes_moved(node: fx.Node) -> int:
     a gather reads no more of its table than it writes."""
     if is_free(node) or _packet(node) in _ALLOCATIONS:
         return 0
-    written = sum(tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
+    written = value_bytes(node)
     read = 0
     for i, arg in enumerate(node.all_input_nodes):
         for t in tensors_in(arg.meta.get("val")):

@@ -41,6 +41,11 @@ def tensor_size(value: torch.Tensor) -> Size:
     return as_size(value.numel(), value.element_size())
 
 
+def value_bytes(node: fx.Node) -> int:
+    """Bytes of the elements of the tensors a node makes (at the shape hints)."""
+    return sum(tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
+
+
 def storage_size(value: torch.Tensor) -> Size:
     """Bytes of the storage a tensor lives in: what keeping the tensor alive costs."""
     return as_size(value.untyped_storage().nbytes())

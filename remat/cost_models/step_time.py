@@ -22,7 +22,7 @@ import torch.fx as fx
 from remat.cost_models.devices import DeviceProfile
 from remat.cost_models.fusion import Fusion
 from remat.cost_models.runtime import Estimator, first_touch_seconds, span_bytes, vector_flops
-from remat.cost_models.sizes import tensor_size, tensors_in
+from remat.cost_models.sizes import tensors_in, value_bytes
 
 
 def estimator_profile(seconds: Estimator) -> DeviceProfile | None:
@@ -46,7 +46,7 @@ def kernel_seconds(nodes: Sequence[fx.Node], fusion: Fusion, seconds: Estimator,
                 span_bytes(t) for value in fusion.loads[node] if value not in fusion.inlined
                 for t in tensors_in(value.meta.get("val"))
             )
-            stored = 0 if node in fusion.inlined else sum(tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
+            stored = 0 if node in fusion.inlined else value_bytes(node)
             compute = vector_flops(node) / profile.vector_flops
             memory = (loaded + stored) / profile.memory_bandwidth
             faults = first_touch_seconds(node, profile) if stored else 0.0

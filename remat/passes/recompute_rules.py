@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from remat._torch_internals import checkpoint_policy, is_builtin_op, is_primal
 from remat.cost_models.fusion import is_reduction, reads_stored
-from remat.cost_models.sizes import tensor_size, tensors_in
+from remat.cost_models.sizes import value_bytes
 
 aten = torch.ops.aten
 
@@ -87,7 +87,7 @@ def reduction_reason(node: fx.Node) -> str | None:
     CPU, GroupNorm's over a channels-last input ran 2-3x slower in the backward than
     keeping its statistics, issue 4). A preference, like ``heavy_reason``."""
     op = source_op(node)
-    if is_reduction(op) and 4 * _value_bytes(op) <= sum(_value_bytes(a) for a in op.all_input_nodes):
+    if is_reduction(op) and 4 * value_bytes(op) <= sum(value_bytes(a) for a in op.all_input_nodes):
         return "reduction that shrinks its input (recomputing it reads the input again)"
     return None
 
@@ -111,10 +111,6 @@ def stored_in_backward_reason(node: fx.Node, in_backward: Callable[[fx.Node], bo
             elif in_backward(user) and reads_stored(user):
                 return f"read by {user.target} in the backward (recomputed, it would be stored there)"
     return None
-
-
-def _value_bytes(node: fx.Node) -> int:
-    return sum(tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
 
 
 def heavy_reason(node: fx.Node) -> str | None:
