@@ -69,7 +69,7 @@ def test_fused_a_matmul_input_is_stored_and_what_an_inlined_value_reads_lives_un
         z = y[:, :512] * 2  # inlined into the relu's kernel, which runs after the second matmul
         m = x @ v
         s = (z + m).relu()  # read by a matmul: stored
-        return ((s @ v.t()).sum(),)
+        return ((s @ v.t()[:, :768]).sum(),)  # (of another size than y: y's storage is not reused)
 
     graph = _fake_graph(f, torch.randn(256, 1024), torch.randn(1024, 1024), torch.randn(1024, 512))
     fusion = _fusion(graph)
@@ -128,6 +128,37 @@ def test_fused_on_the_cpu_kernels_between_two_extern_kernels_run_as_one_call() -
     assert runs_with["relu_1"] == "relu" and runs_with["add_1"] == "sum_2"  # so do the last two sums and their add
     fused = simulate_step(graph, fused=True)
     assert _interval(fused, "relu_1").start == fused.positions.index("forward:relu")
+
+
+def _pool_graph(big_first: bool) -> torch.fx.Graph:
+    """y (1 MiB) is last read by its sum; z, made later, has y's size. Between the two
+    runs the 4 MiB matmul ``big`` or nothing (``big_first``: it ran before y)."""
+
+    def f(x: torch.Tensor, w: torch.Tensor, w4: torch.Tensor) -> tuple[torch.Tensor]:
+        if big_first:
+            s = (x @ w4).sum(1, keepdim=True)
+            y = (x * s) @ w
+            c = y.sum(1, keepdim=True)
+        else:
+            y = x @ w
+            s = y.sum(1, keepdim=True)
+            c = ((x * s) @ w4).sum(1, keepdim=True)
+        return (((x * c) @ w).sum(),)
+
+    return _fake_graph(f, torch.randn(256, 512), torch.randn(512, 1024), torch.randn(512, 4096))
+
+
+def test_fused_a_freed_buffer_is_held_for_the_next_of_its_size_unless_that_raises_the_estimate() -> None:
+    # Inductor's wrapper pools a buffer freed after its last reader and hands it to
+    # the next allocation of the same size, unless holding it in between would raise
+    # its estimate of the graph's peak (here the 4 MiB matmul's)
+    held = simulate_step(_pool_graph(big_first=True), fused=True)
+    y, z = _interval(held, "mm_1"), _interval(held, "mm_2")
+    assert y.end == z.start - 1 > held.positions.index("forward:sum_2")  # held from its sum to z
+    refused = simulate_step(_pool_graph(big_first=False), fused=True)
+    y, big = _interval(refused, "mm"), _interval(refused, "mm_1")
+    assert y.end == refused.positions.index("forward:sum_1") < big.start  # freed before the big matmul
+    assert refused.peak_bytes < 5 * MIB
 
 
 def _upsample_then_convolve(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, g: torch.Tensor, convolve: bool):
