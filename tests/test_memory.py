@@ -180,8 +180,11 @@ def test_fused_convolutions_read_channels_last_copies_of_a_value_whose_layout_is
     rows = cols[:, None]
     graph = _fake_graph(lambda *a: _upsample_then_convolve(*a, convolve=True), x, rows, cols, w, g)
     fused = simulate_step(graph, fused=True)
-    made = _interval(fused, "_unsafe_index").start  # with the sigmoid (0.5 MiB), in one C++ function
-    assert fused.live_bytes[made] == 3 * 2 * MIB + MIB // 2
+    # the sigmoid is computed inside the upsampling kernel: an indexing reader marks no
+    # reuse, so it is not stored (as in the code Inductor generates for a U-Net)
+    made = _interval(fused, "_unsafe_index").start
+    assert "sigmoid" not in {i.label for i in fused.intervals}
+    assert fused.live_bytes[made] == 3 * 2 * MIB
     assert _interval(fused, "_unsafe_index").end == made  # only the copies read it
     copy = _interval(fused, "copy of _unsafe_index for convolution_backward")
     assert (copy.start, copy.end) == (made, fused.positions.index("forward:convolution_backward"))
@@ -190,7 +193,7 @@ def test_fused_convolutions_read_channels_last_copies_of_a_value_whose_layout_is
     # without a convolution the graph keeps its layout: the upsampled value is read as it is
     graph = _fake_graph(lambda *a: _upsample_then_convolve(*a, convolve=False), x, rows, cols, w, g)
     assert not _fusion(graph).copies
-    assert simulate_step(graph, fused=True).live_bytes[made] == 2 * MIB + MIB // 2
+    assert simulate_step(graph, fused=True).live_bytes[made] == 2 * MIB
 
 
 @pytest.mark.parametrize("name", ["gpt", "unet"])

@@ -15,7 +15,8 @@ computes it inline where it reads it. A value is stored ("realized") only when
   (``StorageBox.should_realize_on_reuse``): when the expression reads more than
   ``realize_reads_threshold`` (4) stored values; on the CPU also when it contains exp,
   log, sigmoid or tanh, or when a reader broadcasts it (reads each element many
-  times: the ``expand`` lowering's reuse);
+  times: the ``expand`` lowering's reuse; an indexing reader, such as an upsampling
+  ``_unsafe_index``, does not count);
 - its expression has grown too big (``has_exceeded_max_reads``): more than
   ``realize_cpu_acc_reads_threshold`` (12; 8 elsewhere) reads, or more ops than
   ``realize_cpu_opcount_threshold`` (50; ``realize_opcount_threshold``, 30, elsewhere).
@@ -616,9 +617,11 @@ def _stored(node: fx.Node, expression: _Expression, members: set[fx.Node], retur
 
 def _broadcast(node: fx.Node, members: set[fx.Node]) -> bool:
     """Whether a reader computes more elements than ``node`` has, reading each of its
-    elements many times (Inductor's ``expand`` lowering marks that as reuse)."""
+    elements many times through a broadcast (Inductor's ``expand`` lowering, which
+    pointwise ops call on their inputs, marks that as reuse). An indexing reader (an
+    upsampling ``_unsafe_index``, a gather) loads at computed indices and marks nothing."""
     numel = _numel(node)
-    return any(u in members and _numel(u) > numel for u in node.users)
+    return any(u in members and _numel(u) > numel and _packet(u) not in INDEXING for u in node.users)
 
 
 def _numel(node: fx.Node) -> int:
