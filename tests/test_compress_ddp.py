@@ -88,6 +88,7 @@ def _worker(rank: int, store: str, out: str) -> None:
                 _loss(compiled, x[:LOCAL_BATCH], y[:LOCAL_BATCH]).backward()
         results["uneven_done"] = True
         torch.save(results, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no process tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

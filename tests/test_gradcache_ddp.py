@@ -73,6 +73,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         remat.GradCache(towers, CHUNK, loss_fn, recompute="auto", memory_budget="1MiB")(*local[0])
         record("auto")
         torch.save(results, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no process tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
