@@ -266,6 +266,10 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
 
 
 CONVOLUTIONS = frozenset({aten.convolution.default, aten.convolution_backward.default})
+RESHAPES = frozenset({aten.view, aten.reshape, aten._unsafe_view})
+# Ops whose result Inductor's fake tensors lay out like their inputs.
+LAYOUT_KEEPING = frozenset({aten.cat, aten.clone, aten._to_copy, aten.copy, aten.constant_pad_nd})
+
 # Extern kernels Inductor calls with an ``out=`` buffer its wrapper allocates
 # (``ExternKernelOut``, kernel/mm.py); the others allocate their results themselves.
 OUT_EXTERNS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default})
@@ -275,9 +279,6 @@ def wrapper_allocates(node: fx.Node, fusion: Fusion) -> bool:
     """Inductor's wrapper allocates ``node``'s result (so it may hand it a freed buffer
     of the same size): a kernel it generates, or an ``out=`` extern kernel."""
     return node in fusion.loads or node.target in OUT_EXTERNS
-RESHAPES = frozenset({aten.view, aten.reshape, aten._unsafe_view})
-# Ops whose result Inductor's fake tensors lay out like their inputs.
-LAYOUT_KEEPING = frozenset({aten.cat, aten.clone, aten._to_copy, aten.copy, aten.constant_pad_nd})
 
 
 def _channels_last_copies(
