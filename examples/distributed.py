@@ -81,9 +81,10 @@ def main(strategy: str, steps: int = 3) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        print(f"rank {rank} step {step} loss {loss.item():.4f}")
+        print(f"rank {rank} step {step} loss {loss.item():.4f}", flush=True)
     dist.barrier()  # no process tears gloo down while another still talks to it
     dist.destroy_process_group()
+    print(f"rank {rank} finished", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,5 +117,10 @@ def test_readme_torchrun_line_runs(tmp_path: Path) -> None:
     command = [str(torchrun), "--standalone", "--nproc_per_node=2", "examples/distributed.py", "fsdp2"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE_S,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("step 2 loss") == WORLD, result.stdout
+    assert result.stdout.count("step 2 loss") == WORLD, result.stdout + result.stderr[-3000:]
+    # Now and then a process aborts while the interpreter exits, after every rank's
+    # destroy_process_group has returned: gloo's threads outlive it (pytorch/pytorch#179291,
+    # 2 of about 75 runs here). The work is done by then; any other exit fails.
+    finished = result.stdout.count("finished") == WORLD
+    exit_abort = "terminate called without an active exception" in result.stderr
+    assert result.returncode == 0 or (finished and exit_abort), result.stderr[-3000:]

@@ -15,7 +15,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import remat
 import remat.partition as partition
 from remat.cost_models.fusion import fuse
-from remat.cost_models.memory import simulate_order, simulate_step
+from remat.cost_models.memory import _reuse_freed_buffers, _Storage, simulate_order, simulate_step
 from remat.passes.schedule import complete_saved_set, step_order
 from tests.strategies import ModelSpec, build, make_input, model_specs
 from tests.zoo import make_dynamic
@@ -159,6 +159,26 @@ def test_fused_a_freed_buffer_is_held_for_the_next_of_its_size_unless_that_raise
     y, big = _interval(refused, "mm"), _interval(refused, "mm_1")
     assert y.end == refused.positions.index("forward:sum_1") < big.start  # freed before the big matmul
     assert refused.peak_bytes < 5 * MIB
+
+
+def test_fused_the_pool_sees_a_value_written_in_place_alive_up_to_its_writer() -> None:
+    # Inductor's peak estimate counts a value written over in place up to the kernel
+    # that writes it, so that kernel's 4 MiB input and result count twice there (8 MiB,
+    # 4 MiB in truth). That ceiling lets the pool hold a freed 1 MiB buffer across a
+    # later 4 MiB value; had y been freed before z's kernel instead, the ceiling would
+    # be 4 MiB and the buffer freed.
+    def run(in_place: bool) -> _Storage:
+        f32 = torch.float32
+        written = _Storage("y", 4 * MIB, 0, 0, (f32, 4 * MIB), True)  # as _write_in_place leaves it
+        result = _Storage("z", 4 * MIB, 1, 1, (f32, 4 * MIB), True)
+        freed = _Storage("p", MIB, 2, 2, (f32, MIB), True)
+        later = _Storage("q", 4 * MIB, 3, 3, (f32, 4 * MIB), False)  # allocates itself
+        taker = _Storage("r", MIB, 4, 5, (f32, MIB), True)
+        _reuse_freed_buffers([written, result, freed, later, taker], 0, 5, [written] if in_place else [])
+        return freed
+
+    assert run(in_place=True).end == 3  # held until r takes it
+    assert run(in_place=False).end == 2
 
 
 def _upsample_then_convolve(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, g: torch.Tensor, convolve: bool):
