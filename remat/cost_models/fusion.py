@@ -429,40 +429,44 @@ def _group_kernels(kernels: Mapping[fx.Node, _Expression], index: Mapping[fx.Nod
     ``MAX_FUSION_SIZE`` nodes or need a value made after its place (a cycle)."""
     touching: dict[fx.Node, list[fx.Node]] = {}  # stored value -> kernels reading or making it
     needs: dict[fx.Node, set[fx.Node]] = {}
+    touched: dict[fx.Node, set[fx.Node]] = {}  # what each kernel reads or makes
     for node, expression in kernels.items():
         needs[node] = {_source(value) for value in expression.reads}
-        for value in needs[node] | {node}:
+        touched[node] = needs[node] | {node}
+        for value in touched[node]:
             touching.setdefault(value, []).append(node)
     pairs: set[tuple[fx.Node, fx.Node]] = set()
     for group in touching.values():
         for i, first in enumerate(group):
             pairs.update((first, other) for other in group[i + 1 : i + 1 + PAIRWISE_ATTEMPTS])
     loops = {node: _loop_size(node) for node in kernels}
+    reduces = {node: _packet(node) in REDUCTIONS for node in kernels}
     nbytes: dict[fx.Node, int] = {}
     ranked = []
     for a, b in pairs:
         if loops[a] != loops[b]:
             continue
-        shared = (needs[a] | {a}) & (needs[b] | {b})
+        shared = touched[a] & touched[b]
         score = sum(nbytes[v] if v in nbytes else nbytes.setdefault(v, _value_bytes(v)) for v in shared)
-        same_kind = (_packet(a) in REDUCTIONS) == (_packet(b) in REDUCTIONS) and score > 0
+        same_kind = reduces[a] == reduces[b] and score > 0
         ranked.append((same_kind, score, -abs(index[a] - index[b]), index[a], index[b], a, b))
     ranked.sort(key=lambda r: r[:5], reverse=True)
 
     leader = {node: node for node in kernels}  # group of each kernel, named by its first node
-    members = {node: [node] for node in kernels}
+    members = {node: {node} for node in kernels}
     outside = {node: set(needs[node]) for node in kernels}  # what each group needs from elsewhere
     for *_, a, b in ranked:
         first, second = sorted((leader[a], leader[b]), key=index.__getitem__)
         if first is second or len(members[first]) + len(members[second]) > MAX_FUSION_SIZE:
             continue
-        fused = set(members[first]) | set(members[second])
+        fused = members[first] | members[second]
         wanted = (outside[first] | outside[second]) - fused
         if any(index.get(value, -1) >= index[first] for value in wanted):
             continue
         for node in members[second]:
             leader[node] = first
-        members[first] += members.pop(second)
+        members[first] = fused
+        del members[second]
         outside[first] = wanted
         del outside[second]
     return leader
