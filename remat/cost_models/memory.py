@@ -194,8 +194,7 @@ def simulate_step(
     _keep_forward_outputs_to_end(forward, backward, storages, last, num_user_outputs)
     if fused:
         for (fusion, runs_at, storage_of), (first, final) in zip(fusions, spans):
-            consumed = _write_in_place(fusion, runs_at, storage_of)
-            _reuse_freed_buffers(storages.values(), first, final, consumed)
+            _reuse_storages(fusion, runs_at, storage_of, storages.values(), first, final)
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()] + copies
     scratch_of = fused_workspace_bytes if fused else workspace_bytes
@@ -328,10 +327,8 @@ def simulate_order(
             ref = _only_storage(node)
             return None if node in tangents else storages.get((0, ref) if phase == 0 or ref in handed_over else (1, ref))
 
-        consumed = _write_in_place(fw_fusion, fw_at, lambda node: storage_of(node, 0))
-        _reuse_freed_buffers(storages.values(), 0, backward_start - 1, consumed)
-        consumed = _write_in_place(bw_fusion, bw_at, lambda node: storage_of(node, 1))
-        _reuse_freed_buffers(storages.values(), backward_start, last, consumed)
+        _reuse_storages(fw_fusion, fw_at, lambda node: storage_of(node, 0), storages.values(), 0, backward_start - 1)
+        _reuse_storages(bw_fusion, bw_at, lambda node: storage_of(node, 1), storages.values(), backward_start, last)
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
     intervals += _copies(fw_fusion, fw_at) + _copies(bw_fusion, bw_at)
@@ -369,6 +366,20 @@ def _kernel_positions(fusion: Fusion, position: dict[fx.Node, int]) -> dict[fx.N
 def _only_storage(node: fx.Node) -> int | None:
     tensors = tensors_in(node.meta.get("val"))
     return storage_key(tensors[0]) if len(tensors) == 1 else None
+
+
+def _reuse_storages(
+    fusion: Fusion,
+    position: Mapping[fx.Node, int],
+    storage_of: Callable[[fx.Node], _Storage | None],
+    storages: Iterable[_Storage],
+    first: int,
+    last: int,
+) -> None:
+    """How Inductor reuses memory within one graph (positions ``first`` to ``last``):
+    kernels write over inputs they read last, then the wrapper pools freed buffers."""
+    consumed = _write_in_place(fusion, position, storage_of)
+    _reuse_freed_buffers(storages, first, last, consumed)
 
 
 def _write_in_place(
@@ -410,22 +421,21 @@ def _reuse_freed_buffers(storages: Iterable[_Storage], first: int, last: int, co
         return
     made = sorted((s for s in storages if s.kind is not None and first <= s.start <= last), key=lambda s: s.start)
     received = [s for s in storages if s.kind is not None and s.start < first <= s.end]
-    taken = {id(s) for s in consumed}
+    taken = set(consumed)
     delta = np.zeros(span + 1, dtype=np.int64)
     for storage in (*made, *received):
         # the estimate counts a value written over in place up to the kernel that does it
-        end = min(storage.end + (id(storage) in taken), last)
+        end = min(storage.end + (storage in taken), last)
         delta[max(storage.start, first) - first] += storage.nbytes
         delta[end - first + 1] -= storage.nbytes
     estimate = np.cumsum(delta[:span])
     ceiling = int(estimate.max())
+    allocated: dict[int, list[_Storage]] = {}
     freed: dict[int, list[_Storage]] = {}
     for storage in made:
-        if storage.end < last and id(storage) not in taken:
-            freed.setdefault(storage.end, []).append(storage)
-    allocated: dict[int, list[_Storage]] = {}
-    for storage in made:
         allocated.setdefault(storage.start, []).append(storage)
+        if storage.end < last and storage not in taken:
+            freed.setdefault(storage.end, []).append(storage)
     pool: dict[tuple[torch.dtype, object], list[_Storage]] = {}
     for at in sorted(allocated.keys() | freed.keys()):
         for storage in allocated.get(at, ()):
