@@ -183,11 +183,19 @@ class Plan:
 
 
 def predict_memory(
-    fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int, *, fused: bool = False
+    fw_module: fx.GraphModule,
+    bw_module: fx.GraphModule,
+    num_fwd_outputs: int,
+    *,
+    fused: bool = False,
+    buffer_pool: bool = False,
 ) -> MemoryPrediction:
-    """Simulate a step of the two graphs (``fused``: as Inductor compiles them); keep
-    what a Plan reports."""
-    timeline = simulate_step(fw_module.graph, bw_module.graph, num_user_outputs=num_fwd_outputs, fused=fused)
+    """Simulate a step of the two graphs (``fused``: as Inductor compiles them;
+    ``buffer_pool``: with its default buffer pool, which remat turns off); keep what a
+    Plan reports."""
+    timeline = simulate_step(
+        fw_module.graph, bw_module.graph, num_user_outputs=num_fwd_outputs, fused=fused, buffer_pool=buffer_pool
+    )
     return MemoryPrediction(
         peak_bytes=timeline.peak_bytes,
         resident_bytes=timeline.resident_bytes,

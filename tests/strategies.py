@@ -26,6 +26,7 @@ from typing import Any, Union
 import torch
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 import remat
 from remat.options import POLICIES
@@ -86,6 +87,12 @@ class Dropout:
 
 
 @dataclasses.dataclass(frozen=True)
+class Attention:
+    causal: bool  # self-attention over the length of a (batch, channels, length) value
+    residual: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Tag:
     name: str  # remat.tag(x, name): a value that save_only may name
     residual: bool = False
@@ -93,7 +100,7 @@ class Tag:
 
 TAG_NAMES = ("a", "b")
 
-Layer = Union[Linear, Conv, Norm, Act, View, Dropout, Tag]
+Layer = Union[Linear, Conv, Norm, Act, View, Dropout, Attention, Tag]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +142,8 @@ def layer_specs(draw: st.DrawFn, shape: tuple[int, ...]) -> Layer:
     kinds = ["linear", "norm", "act", "view", "dropout", "tag"]
     if len(shape) in (3, 4):
         kinds.append("conv")
+    if len(shape) == 3:
+        kinds.append("attention")
     kind = draw(st.sampled_from(kinds))
     width = st.integers(1, MAX_WIDTH)
     if kind == "linear":
@@ -163,6 +172,8 @@ def layer_specs(draw: st.DrawFn, shape: tuple[int, ...]) -> Layer:
         layer = View(kind=draw(st.sampled_from(["flatten", "transpose", "unflatten"])))
     elif kind == "tag":
         layer = Tag(name=draw(st.sampled_from(TAG_NAMES)))
+    elif kind == "attention":
+        layer = Attention(causal=draw(st.booleans()))
     else:
         layer = Dropout(p=draw(st.sampled_from([0.5, 0.1, 0.0])))
     if output_shape(layer, shape) == shape and draw(st.booleans()):
@@ -271,6 +282,21 @@ class RoundTrip(nn.Module):
         return x.flatten(0, 1).unflatten(0, (shape[0], shape[1]))
 
 
+class SelfAttention(nn.Module):
+    """One head of self-attention over the length of a (batch, channels, length) value,
+    by ``F.scaled_dot_product_attention`` without dropout: an attention op that remat
+    may recompute (its schema allows dropout, which makes it tagged as random)."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sequence = x.transpose(1, 2).unsqueeze(1)
+        y = F.scaled_dot_product_attention(sequence, sequence, sequence, is_causal=self.causal)
+        return y.squeeze(1).transpose(1, 2)
+
+
 class Model(nn.Module):
     def __init__(self, body: nn.Sequential, head: nn.Linear) -> None:
         super().__init__()
@@ -304,6 +330,8 @@ def _build_layer(layer: Layer, shape: tuple[int, ...]) -> nn.Module:
         module = RoundTrip(layer.kind)
     elif isinstance(layer, Tag):
         module = Tagged(layer.name)
+    elif isinstance(layer, Attention):
+        module = SelfAttention(layer.causal)
     else:
         module = nn.Dropout(layer.p)
     return Residual(module) if layer.residual else module

@@ -122,6 +122,27 @@ def test_gradients_equal_eager(inner_compiler):
     assert remat.explain(model).inner_compiler == inner_compiler
 
 
+def test_inductor_compiles_both_graphs_without_its_buffer_pool(monkeypatch):
+    # Inductor's wrapper may hold a freed buffer for a later one of its size, which
+    # raises the peak above what the simulator (and the budget) count; remat turns it off
+    from torch._inductor import config
+    from torch._inductor.codegen import wrapper
+
+    seen = []
+    plan_reuse = wrapper.PythonWrapperCodegen.memory_plan_reuse
+
+    def spy(self):
+        seen.append(config.allow_buffer_reuse)
+        return plan_reuse(self)
+
+    monkeypatch.setattr(wrapper.PythonWrapperCodegen, "memory_plan_reuse", spy)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    with config.patch(force_disable_caches=True):  # a cached graph generates no code
+        remat.compile(model, on_plan_failure="raise")(torch.randn(4, 16)).sum().backward()
+        torch.compile(nn.Linear(16, 16))(torch.randn(4, 16)).sum().backward()
+    assert seen == [False, False, True, True]  # remat's forward and backward; Inductor's own
+
+
 def test_graph_breaks_give_one_plan_per_graph():
     class TwoGraphs(nn.Module):
         def __init__(self):

@@ -149,16 +149,20 @@ def _pool_graph(big_first: bool) -> torch.fx.Graph:
 
 
 def test_fused_a_freed_buffer_is_held_for_the_next_of_its_size_unless_that_raises_the_estimate() -> None:
-    # Inductor's wrapper pools a buffer freed after its last reader and hands it to
-    # the next allocation of the same size, unless holding it in between would raise
-    # its estimate of the graph's peak (here the 4 MiB matmul's)
-    held = simulate_step(_pool_graph(big_first=True), fused=True)
+    # Inductor's wrapper (by default; remat turns the pool off) pools a buffer freed
+    # after its last reader and hands it to the next allocation of the same size,
+    # unless holding it in between would raise its estimate of the graph's peak (here
+    # the 4 MiB matmul's)
+    held = simulate_step(_pool_graph(big_first=True), fused=True, buffer_pool=True)
     y, z = _interval(held, "mm_1"), _interval(held, "mm_2")
     assert y.end == z.start - 1 > held.positions.index("forward:sum_2")  # held from its sum to z
-    refused = simulate_step(_pool_graph(big_first=False), fused=True)
+    refused = simulate_step(_pool_graph(big_first=False), fused=True, buffer_pool=True)
     y, big = _interval(refused, "mm"), _interval(refused, "mm_1")
     assert y.end == refused.positions.index("forward:sum_1") < big.start  # freed before the big matmul
     assert refused.peak_bytes < 5 * MIB
+    # as remat compiles: freed after its last reader
+    unpooled = simulate_step(_pool_graph(big_first=True), fused=True)
+    assert _interval(unpooled, "mm_1").end == unpooled.positions.index("forward:sum_2")
 
 
 def test_fused_the_pool_sees_a_value_written_in_place_alive_up_to_its_writer() -> None:

@@ -11,7 +11,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from remat import _torch_internals as internals
+from remat.passes.recompute_rules import ban_reason, draws_random_numbers
 from remat.passes.remat import _keep_bytes, solve_min_cut
+
+aten = torch.ops.aten
 
 
 def _available(node: fx.Node, kept: frozenset[fx.Node], banned: set[str], memo: dict) -> bool:
@@ -110,6 +113,25 @@ def test_min_cut_matches_brute_force(name):
 
 def _in_dim(name: str) -> int:
     return 5 if name == "norm_residual" else 4
+
+
+@pytest.mark.parametrize(
+    "op, args, kwargs, random",
+    [
+        (aten._scaled_dot_product_flash_attention_for_cpu.default, (0.0, True), {}, False),
+        (aten._scaled_dot_product_flash_attention_for_cpu.default, (), {}, False),  # the default, 0
+        (aten._scaled_dot_product_flash_attention.default, (0.1, True), {}, True),
+        (aten._scaled_dot_product_efficient_attention.default, (None, True), {"dropout_p": 0.2}, True),
+        (aten._scaled_dot_product_efficient_attention.default, (None, True), {"dropout_p": 0.0}, False),
+        (aten.native_dropout.default, (0.0, True), {}, True),  # no dropout_p: always random
+    ],
+)
+def test_attention_draws_random_numbers_only_with_dropout(op, args, kwargs, random) -> None:
+    graph = fx.Graph()
+    q = graph.placeholder("q")
+    node = graph.call_function(op, (q, q, q, *args) if "attention" in op.name() else (q, *args), kwargs)
+    assert draws_random_numbers(node) is random
+    assert (ban_reason(node) is not None) is random
 
 
 def test_random_and_heavy_ops_are_never_recomputed():

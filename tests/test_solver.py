@@ -268,3 +268,20 @@ def test_training_under_a_budget_matches_eager() -> None:
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
     (plan,) = remat.plans(compiled_model)
     assert plan.partitioner == "remat-budget" and plan.recomputed
+
+
+def test_attention_without_dropout_is_recomputed() -> None:
+    # Attention ops are tagged as random because their schema allows dropout; with
+    # dropout_p 0 they draw nothing, so recomputing them replays the same values
+    # (test_min_cut: with dropout they are kept)
+    case = small_gpt()
+    reference = WithLoss(case.model, case.loss_fn)
+    compiled_model = WithLoss(copy.deepcopy(case.model), case.loss_fn)
+    options = {"inner_compiler": "eager", "policy": "full", "on_plan_failure": "raise"}
+    torch.compile(compiled_model, backend="remat", options=options)(*case.inputs).backward()
+    (plan,) = remat.plans(compiled_model)
+    assert any("scaled_dot_product" in d.op for d in plan.recomputed), plan.summary()
+    assert not any("scaled_dot_product" in d.op for d in plan.kept), plan.summary()
+    reference(*case.inputs).backward()
+    for (name, a), (_, b) in zip(reference.named_parameters(), compiled_model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)

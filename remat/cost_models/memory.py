@@ -21,9 +21,11 @@ is checked against it, so it models what the runtime really does:
   one C++ function); a kernel that writes its result over an input it reads for the
   last time needs no new storage; convolutions need no reordering scratch, but may
   read a channels-last copy of their input, made with it; and a buffer freed after
-  its last reader may be held until a later kernel of the same graph allocates one of
-  the same dtype and size, which takes it over (Inductor's reuse pool,
-  ``_reuse_freed_buffers``).
+  its last reader is freed there: remat compiles without Inductor's buffer pool
+  (``_torch_internals.compile_inductor``). With ``buffer_pool=True`` (Inductor's
+  default, which PyTorch's own partitions get), a freed buffer may be held until a
+  later kernel of the same graph allocates one of the same dtype and size, which
+  takes it over (``_reuse_freed_buffers``).
 
 Each storage becomes an interval of timeline positions; the live bytes are their sum.
 A full simulation is linear in the graph size (a difference array).
@@ -123,12 +125,18 @@ def _reuse_kind(node: fx.Node, tensor: torch.Tensor) -> tuple[torch.dtype, objec
 
 
 def simulate_step(
-    forward: fx.Graph, backward: fx.Graph | None = None, *, num_user_outputs: int | None = None, fused: bool = False
+    forward: fx.Graph,
+    backward: fx.Graph | None = None,
+    *,
+    num_user_outputs: int | None = None,
+    fused: bool = False,
+    buffer_pool: bool = False,
 ) -> MemoryTimeline:
     """The memory timeline of ``forward`` then ``backward`` (partitioned graphs whose
     values share fake tensors, as AOTAutograd's partitioner makes them). The first
     ``num_user_outputs`` forward outputs are the caller's; the rest are saved values.
-    ``fused``: each graph compiled by Inductor, not run op by op."""
+    ``fused``: each graph compiled by Inductor, not run op by op; ``buffer_pool``: with
+    the wrapper's buffer pool, as Inductor compiles by default (not as remat does)."""
     graphs = [("forward", forward)] + ([("backward", backward)] if backward is not None else [])
     positions: list[str] = []
     where: dict[fx.Node, int] = {}
@@ -194,7 +202,9 @@ def simulate_step(
     _keep_forward_outputs_to_end(forward, backward, storages, last, num_user_outputs)
     if fused:
         for (fusion, runs_at, storage_of), (first, final) in zip(fusions, spans):
-            _reuse_storages(fusion, runs_at, storage_of, storages.values(), first, final)
+            consumed = _write_in_place(fusion, runs_at, storage_of)
+            if buffer_pool:
+                _reuse_freed_buffers(storages.values(), first, final, consumed)
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()] + copies
     scratch_of = fused_workspace_bytes if fused else workspace_bytes
@@ -282,8 +292,7 @@ def simulate_order(
                 key = (2, ref)  # the backward reads the reloaded copy
             storage = storages.get(key)
             if storage is None:
-                pooled = wrapper_allocates(node, fw_fusion if phase == 0 else bw_fusion)
-                storages[key] = _Storage(node.name, storage_bytes(tensor), born, dies, _reuse_kind(node, tensor), pooled)
+                storages[key] = _Storage(node.name, storage_bytes(tensor), born, dies)
             else:
                 storage.start = min(storage.start, born)
                 storage.end = max(storage.end, dies)
@@ -327,8 +336,8 @@ def simulate_order(
             ref = _only_storage(node)
             return None if node in tangents else storages.get((0, ref) if phase == 0 or ref in handed_over else (1, ref))
 
-        _reuse_storages(fw_fusion, fw_at, lambda node: storage_of(node, 0), storages.values(), 0, backward_start - 1)
-        _reuse_storages(bw_fusion, bw_at, lambda node: storage_of(node, 1), storages.values(), backward_start, last)
+        _write_in_place(fw_fusion, fw_at, lambda node: storage_of(node, 0))
+        _write_in_place(bw_fusion, bw_at, lambda node: storage_of(node, 1))
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
     intervals += _copies(fw_fusion, fw_at) + _copies(bw_fusion, bw_at)
@@ -366,20 +375,6 @@ def _kernel_positions(fusion: Fusion, position: dict[fx.Node, int]) -> dict[fx.N
 def _only_storage(node: fx.Node) -> int | None:
     tensors = tensors_in(node.meta.get("val"))
     return storage_key(tensors[0]) if len(tensors) == 1 else None
-
-
-def _reuse_storages(
-    fusion: Fusion,
-    position: Mapping[fx.Node, int],
-    storage_of: Callable[[fx.Node], _Storage | None],
-    storages: Iterable[_Storage],
-    first: int,
-    last: int,
-) -> None:
-    """How Inductor reuses memory within one graph (positions ``first`` to ``last``):
-    kernels write over inputs they read last, then the wrapper pools freed buffers."""
-    consumed = _write_in_place(fusion, position, storage_of)
-    _reuse_freed_buffers(storages, first, last, consumed)
 
 
 def _write_in_place(

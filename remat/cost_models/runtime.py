@@ -22,7 +22,7 @@ from remat._torch_internals import is_builtin_op, is_op_overload, real_kernels, 
 from remat.cost_models.devices import TRANSCENDENTAL_FLOPS, DeviceProfile, profile_for_device, time_call
 from remat.cost_models.flops import node_flops
 from remat.cost_models.sizes import tensor_size, tensors_in, value_bytes
-from remat.passes.recompute_rules import is_view
+from remat.passes.recompute_rules import draws_random_numbers, is_view
 
 log = logging.getLogger("remat")
 aten = torch.ops.aten
@@ -239,10 +239,9 @@ def _check_safe(node: fx.Node) -> None:
     op = node.target
     if not is_builtin_op(op):
         raise _Skip("not an aten/prims op (side effects unknown)")
-    if op._schema.is_mutable or node.is_impure():
+    if op._schema.is_mutable or node.is_impure(impure_random=False):
         raise _Skip("mutates its inputs or has side effects")
-    bad_tags = {torch.Tag.nondeterministic_seeded, torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output}
-    if bad_tags & set(op.tags):
+    if draws_random_numbers(node) or {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output} & set(op.tags):
         raise _Skip("random op, or output shape or value depends on the data")
     devices = {t.device.type for t in tensors_in(node.meta.get("val"))}
     devices |= {t.device.type for a in node.all_input_nodes for t in tensors_in(a.meta.get("val"))}

@@ -56,6 +56,7 @@ RECOMPUTE = "recompute"
 BUCKETS = 2048
 MAX_BUCKETS = 8 * BUCKETS
 CORRECTIONS = 8
+BRACKET = 0.002  # corrections stop when the model budgets of a fit and a miss are this close
 # After the corrections, the model is also asked for plans at these steps below the
 # budget: its additive times miss some of the simulated ones (by 0.5% on a small GPT,
 # enough to prefer a slower plan at a higher budget), and a leaner plan may run faster.
@@ -552,18 +553,25 @@ def solve_budget(problem: BudgetProblem, budget: int) -> Solution:
 def _fit(problem: BudgetProblem, budget: int, costs: Sequence[GroupCost]) -> tuple[Solution | None, Solution | None]:
     """The fastest plan of ``costs``' groups that fits ``budget``, if one is found, and
     the lowest plan simulated on the way. The model's budget is corrected by the
-    simulated error until the plan fits; if that fails, bisection searches it."""
+    simulated error until one model budget gives a plan that fits and another one
+    that does not; then bisection between the two looks for the fastest that fits
+    (the plans between them differ by a segment or two, and the simulated time and
+    peak of each may fall either side of the model's). If no plan fits, bisection
+    from zero searches one."""
     resident = problem.resident
     best: Solution | None = None
     lowest: Solution | None = None
     target = float(budget)
+    fits: float | None = None  # the highest model budget whose plan fits
+    fails: float | None = None  # the lowest model budget whose plan does not
     tried: set[tuple[Group, ...]] = set()
     for _ in range(CORRECTIONS):
         groups = solve_dp(problem, target - resident, costs)
         if groups is None:
             break
         key = tuple(groups)
-        if key in tried:
+        bracketed = fits is not None and fails is not None
+        if key in tried and not bracketed:
             break
         tried.add(key)
         solution = problem.simulate(groups)
@@ -572,7 +580,15 @@ def _fit(problem: BudgetProblem, budget: int, costs: Sequence[GroupCost]) -> tup
         if solution.peak <= budget:
             if best is None or solution.seconds < best.seconds:
                 best = solution
-            target += (budget - solution.peak) / 2  # the model was pessimistic: try for faster
+            fits = target if fits is None else max(fits, target)
+        else:
+            fails = target if fails is None else min(fails, target)
+        if fits is not None and fails is not None:
+            if fails - fits < BRACKET * budget:
+                break
+            target = (fits + fails) / 2
+        elif fits is not None:
+            target += (budget - solution.peak) / 2 + BRACKET * budget  # the model was pessimistic: try for faster
         else:
             target -= solution.peak - budget
     if best is not None:  # the model's times are not exact: leaner plans may run faster

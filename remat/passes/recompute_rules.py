@@ -60,11 +60,28 @@ def ban_reason(node: fx.Node) -> str | None:
         return "collective"
     if not is_builtin_op(target):
         return f"custom op {target} (side effects unknown)"
-    if torch.Tag.nondeterministic_seeded in target.tags:
+    if draws_random_numbers(node):
         return "random op (a replay would draw different numbers)"
-    if target._schema.is_mutable or node.is_impure():
+    if target._schema.is_mutable or node.is_impure(impure_random=False):
         return "mutates its inputs or has side effects"
     return None
+
+
+def draws_random_numbers(node: fx.Node) -> bool:
+    """Whether ``node``'s op draws from a random generator. The attention ops are tagged
+    seeded because their schema allows dropout; with ``dropout_p`` a constant 0 they
+    draw nothing (they do not touch the generator), so recomputing them, as
+    ``torch.utils.checkpoint`` does, replays the same values."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    names = [argument.name for argument in target._schema.arguments]
+    if "dropout_p" not in names:
+        return True
+    index = names.index("dropout_p")
+    default = target._schema.arguments[index].default_value
+    dropout = node.kwargs.get("dropout_p", node.args[index] if index < len(node.args) else default)
+    return not (isinstance(dropout, (int, float)) and dropout == 0)
 
 
 def source_op(node: fx.Node) -> fx.Node:
