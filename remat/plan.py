@@ -79,7 +79,13 @@ class Plan:
     host copies at once), ``transfer_s`` of copies in both directions, of which
     ``exposed_transfer_s`` the compute does not hide (estimates). ``memory`` frees an
     offloaded value after its last forward use; the device also waits for the copy to
-    finish, which the solver's simulation accounts for."""
+    finish, which the solver's simulation accounts for.
+
+    ``buffer_pool``: whether Inductor's wrapper may hold a freed buffer for a later
+    one of its size; False where the simulator finds that its holds would raise the
+    fused peak past the memory budget (without one, by more than 1%). ``fused_memory``
+    is the step without the pool: with it, the peak is the same or within those
+    bounds."""
 
     graph: str
     inner_compiler: str
@@ -101,6 +107,7 @@ class Plan:
     host_peak_bytes: int = 0
     transfer_s: float | None = None
     exposed_transfer_s: float | None = None
+    buffer_pool: bool | None = None
 
     def evaluate(self, expr: str, sizes: Mapping[str, int]) -> int:
         """A byte expression of this plan (``saved_bytes_expr``, a decision's
@@ -165,6 +172,8 @@ class Plan:
             )
         if self.fused_memory is not None and self.inner_compiler == "inductor":
             head += f" (op by op; {human_bytes(self.fused_memory.peak_bytes)} with Inductor's fusion)"
+            if self.buffer_pool is False:
+                head += "\n  Inductor's buffer pool turned off: its holds of freed buffers would raise that peak"
         if self.estimated_time_s is not None:
             head += f"\n  estimated step time {self.estimated_time_s * 1e3:.2f} ms ({self.time_estimator})"
         if self.budget_bytes is not None:

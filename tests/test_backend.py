@@ -122,9 +122,11 @@ def test_gradients_equal_eager(inner_compiler):
     assert remat.explain(model).inner_compiler == inner_compiler
 
 
-def test_inductor_compiles_both_graphs_without_its_buffer_pool(monkeypatch):
-    # Inductor's wrapper may hold a freed buffer for a later one of its size, which
-    # raises the peak above what the simulator (and the budget) count; remat turns it off
+@pytest.mark.parametrize("pool", [False, True])
+def test_the_buffer_pool_decision_reaches_both_compiles(pool, monkeypatch):
+    # Inductor's wrapper may hold a freed buffer for a later one of its size, which can
+    # raise the peak above what the simulator (and the budget) count: the partitioner
+    # decides per graph (Plan.buffer_pool), and both graphs compile with its decision
     from torch._inductor import config
     from torch._inductor.codegen import wrapper
 
@@ -136,11 +138,27 @@ def test_inductor_compiles_both_graphs_without_its_buffer_pool(monkeypatch):
         return plan_reuse(self)
 
     monkeypatch.setattr(wrapper.PythonWrapperCodegen, "memory_plan_reuse", spy)
+    monkeypatch.setattr(remat.partition.RematPartitioner, "_buffer_pool", lambda *args: pool)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
     with config.patch(force_disable_caches=True):  # a cached graph generates no code
         remat.compile(model, on_plan_failure="raise")(torch.randn(4, 16)).sum().backward()
-        torch.compile(nn.Linear(16, 16))(torch.randn(4, 16)).sum().backward()
-    assert seen == [False, False, True, True]  # remat's forward and backward; Inductor's own
+    assert seen == [pool, pool]  # the forward and the backward
+    assert remat.explain(model).buffer_pool is pool
+    assert config.allow_buffer_reuse  # Inductor's own setting is left as it was
+
+
+def test_the_buffer_pool_stays_where_it_raises_no_peak():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    remat.compile(model, on_plan_failure="raise")(torch.randn(4, 16)).sum().backward()
+    plan = remat.explain(model)
+    assert plan.buffer_pool is True
+    assert remat.explain(_eager_planned()).buffer_pool is None  # not compiled by Inductor
+
+
+def _eager_planned() -> nn.Module:
+    model = nn.Linear(8, 8)
+    remat.compile(model, inner_compiler="eager")(torch.randn(2, 8)).sum().backward()
+    return model
 
 
 def test_graph_breaks_give_one_plan_per_graph():
