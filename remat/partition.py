@@ -145,7 +145,9 @@ class RematPartitioner:
             }
         saved = saved_activation_size(fw, num_fwd_outputs)
         memory, fused_memory, time_s, estimator = self._estimates(fw, bw, num_fwd_outputs)
-        buffer_pool = self._buffer_pool(fw, bw, num_fwd_outputs, fused_memory, budgeted.budget_bytes if budgeted else None)
+        buffer_pool, fused_memory = self._buffer_pool(
+            fw, bw, num_fwd_outputs, fused_memory, budgeted.budget_bytes if budgeted else None
+        )
         if buffer_pool is not None:
             fw.meta[internals.BUFFER_POOL_META] = buffer_pool
         plan = Plan(
@@ -201,23 +203,26 @@ class RematPartitioner:
         num_fwd_outputs: int,
         fused_memory: MemoryPrediction | None,
         budget_bytes: int | None,
-    ) -> bool | None:
-        """Whether Inductor's wrapper may pool freed buffers for these graphs. Its holds
-        never lower a peak and may raise it (the plan is made without them); they save
-        allocator calls (a U-Net step ran about 2% faster with them on the CPU). So the
-        pool stays where its simulated peak fits the memory budget, or without a
-        budget, where it raises the peak by at most ``POOL_TOLERANCE``. None: not
-        compiled by Inductor, or not predicted (Inductor's default then stands)."""
+    ) -> tuple[bool | None, MemoryPrediction | None]:
+        """Whether Inductor's wrapper may pool freed buffers for these graphs, and the
+        fused prediction of the step as it will then run. The pool's holds never lower
+        a peak and may raise it (the plan is made without them); they save allocator
+        calls (a U-Net step ran about 2% faster with them on the CPU). So the pool
+        stays where its simulated peak fits the memory budget, or without a budget,
+        where it raises the peak by at most ``POOL_TOLERANCE``. None: not compiled by
+        Inductor, or not predicted (Inductor's default then stands)."""
         if self.options.inner_compiler != "inductor" or fused_memory is None:
-            return None
+            return None, fused_memory
         try:
             pooled = predict_memory(fw, bw, num_fwd_outputs, fused=True, buffer_pool=True)
         except Exception:  # a prediction, not a decision the partition needs
             log.debug("remat could not simulate Inductor's buffer pool on %s", self.graph_name, exc_info=True)
-            return None
+            return None, fused_memory
         if budget_bytes is not None:
-            return pooled.peak_bytes + pooled.resident_bytes <= budget_bytes
-        return pooled.peak_bytes <= fused_memory.peak_bytes * (1 + POOL_TOLERANCE)
+            keep = pooled.peak_bytes + pooled.resident_bytes <= budget_bytes
+        else:
+            keep = pooled.peak_bytes <= fused_memory.peak_bytes * (1 + POOL_TOLERANCE)
+        return keep, pooled if keep else fused_memory
 
 
 def _partitioner_name(fallback_reason: str | None, budgeted: BudgetedChoice | None) -> str:

@@ -138,7 +138,7 @@ def test_the_buffer_pool_decision_reaches_both_compiles(pool, monkeypatch):
         return plan_reuse(self)
 
     monkeypatch.setattr(wrapper.PythonWrapperCodegen, "memory_plan_reuse", spy)
-    monkeypatch.setattr(remat.partition.RematPartitioner, "_buffer_pool", lambda *args: pool)
+    monkeypatch.setattr(remat.partition.RematPartitioner, "_buffer_pool", lambda *args: (pool, args[4]))
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
     with config.patch(force_disable_caches=True):  # a cached graph generates no code
         remat.compile(model, on_plan_failure="raise")(torch.randn(4, 16)).sum().backward()

@@ -257,7 +257,11 @@ def test_fused_timeline_of_the_solver_order_equals_the_extracted_graphs(name: st
     modelled = simulate_order(step_order(found["graph"], saved, found["n"]), fused=True)
     assert modelled.positions == real.positions
     assert modelled.live_bytes == real.live_bytes
-    assert plan.fused_memory is not None and plan.fused_memory.peak_bytes == real.peak_bytes
+    # the Plan predicts the step as it runs: with Inductor's buffer pool where it stays
+    as_run = simulate_step(
+        found["fw"].graph, found["bw"].graph, num_user_outputs=found["n"], fused=True, buffer_pool=bool(plan.buffer_pool)
+    )
+    assert plan.fused_memory is not None and plan.fused_memory.peak_bytes == as_run.peak_bytes
     assert real.peak_bytes < simulate_step(found["fw"].graph, found["bw"].graph, num_user_outputs=found["n"]).peak_bytes
 
 
