@@ -6,7 +6,7 @@ default partitioner runs with ``activation_memory_budget`` = the same number (a
 fraction of the bytes its own default plan saves). Both partitions come from one
 trace and are predicted by the same simulator and time model, so the rows compare
 the decisions, and how each is compiled: PyTorch's with Inductor's buffer pool, remat's
-without it. Predictions, not measurements.
+with it only where its holds fit the budget. Predictions, not measurements.
 """
 
 from __future__ import annotations

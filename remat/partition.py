@@ -195,7 +195,6 @@ class RematPartitioner:
             return None, None, None, None
         return memory, fused_memory, time_s, estimator
 
-
     def _buffer_pool(
         self,
         fw: fx.GraphModule,

@@ -199,8 +199,8 @@ def predict_memory(
     buffer_pool: bool = False,
 ) -> MemoryPrediction:
     """Simulate a step of the two graphs (``fused``: as Inductor compiles them;
-    ``buffer_pool``: with its default buffer pool, which remat turns off); keep what a
-    Plan reports."""
+    ``buffer_pool``: with its default buffer pool, which remat keeps only where its
+    holds fit the budget); keep what a Plan reports."""
     timeline = simulate_step(
         fw_module.graph, bw_module.graph, num_user_outputs=num_fwd_outputs, fused=fused, buffer_pool=buffer_pool
     )

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 import remat
 import remat.partition
-from remat.plan import Plan
+from remat.options import RematOptions
+from remat.plan import MemoryPrediction, Plan
 
 
 def _model() -> nn.Module:
@@ -147,12 +148,25 @@ def test_the_buffer_pool_decision_reaches_both_compiles(pool, monkeypatch):
     assert config.allow_buffer_reuse  # Inductor's own setting is left as it was
 
 
-def test_the_buffer_pool_stays_where_it_raises_no_peak():
+def test_the_buffer_pool_stays_where_it_fits(monkeypatch):
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
     remat.compile(model, on_plan_failure="raise")(torch.randn(4, 16)).sum().backward()
-    plan = remat.explain(model)
-    assert plan.buffer_pool is True
+    assert remat.explain(model).buffer_pool is True  # its holds raise no peak here
     assert remat.explain(_eager_planned()).buffer_pool is None  # not compiled by Inductor
+
+    # the rule, on made-up predictions: within the budget, or without one within 1%
+    def prediction(peak: int) -> MemoryPrediction:
+        return MemoryPrediction(peak_bytes=peak, resident_bytes=100, peak_at="", positions=[], live_bytes=[])
+
+    pooled = {"peak": 0}
+    monkeypatch.setattr(remat.partition, "predict_memory", lambda *args, **kwargs: prediction(pooled["peak"]))
+    partitioner = remat.partition.RematPartitioner(RematOptions(), "made-up", lambda plan: None)
+    plain = prediction(1000)
+    for peak, budget, keep in [(1000, None, True), (1010, None, True), (1011, None, False), (1400, 1500, True), (1401, 1500, False)]:
+        pooled["peak"] = peak
+        decision, as_run = partitioner._buffer_pool(None, None, 1, plain, budget)
+        assert decision is keep, (peak, budget)
+        assert as_run.peak_bytes == (peak if keep else 1000)
 
 
 def _eager_planned() -> nn.Module:

@@ -149,7 +149,7 @@ def _pool_graph(big_first: bool) -> torch.fx.Graph:
 
 
 def test_fused_a_freed_buffer_is_held_for_the_next_of_its_size_unless_that_raises_the_estimate() -> None:
-    # Inductor's wrapper (by default; remat turns the pool off) pools a buffer freed
+    # Inductor's wrapper (by default; remat keeps that where it fits) pools a buffer freed
     # after its last reader and hands it to the next allocation of the same size,
     # unless holding it in between would raise its estimate of the graph's peak (here
     # the 4 MiB matmul's)

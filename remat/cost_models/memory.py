@@ -20,12 +20,12 @@ is checked against it, so it models what the runtime really does:
   earlier one run there (on the CPU, so do all kernels between two extern kernels:
   one C++ function); a kernel that writes its result over an input it reads for the
   last time needs no new storage; convolutions need no reordering scratch, but may
-  read a channels-last copy of their input, made with it; and a buffer freed after
-  its last reader is freed there: remat compiles without Inductor's buffer pool
-  (``_torch_internals.compile_inductor``). With ``buffer_pool=True`` (Inductor's
-  default, which PyTorch's own partitions get), a freed buffer may be held until a
-  later kernel of the same graph allocates one of the same dtype and size, which
-  takes it over (``_reuse_freed_buffers``).
+  read a channels-last copy of their input, made with it; and a buffer is freed after
+  its last reader, as remat's solver plans it. With ``buffer_pool=True`` (Inductor's
+  default: PyTorch's own partitions get it, and remat keeps it where its holds fit the
+  budget, ``partition.RematPartitioner._buffer_pool``), a freed buffer may be held
+  until a later kernel of the same graph allocates one of the same dtype and size,
+  which takes it over (``_reuse_freed_buffers``).
 
 Each storage becomes an interval of timeline positions; the live bytes are their sum.
 A full simulation is linear in the graph size (a difference array).
@@ -136,7 +136,7 @@ def simulate_step(
     values share fake tensors, as AOTAutograd's partitioner makes them). The first
     ``num_user_outputs`` forward outputs are the caller's; the rest are saved values.
     ``fused``: each graph compiled by Inductor, not run op by op; ``buffer_pool``: with
-    the wrapper's buffer pool, as Inductor compiles by default (not as remat does)."""
+    the wrapper's buffer pool, as Inductor compiles by default."""
     graphs = [("forward", forward)] + ([("backward", backward)] if backward is not None else [])
     positions: list[str] = []
     where: dict[fx.Node, int] = {}
