@@ -206,7 +206,7 @@ def is_random(op_name: str) -> bool:
     if op is not None and torch.Tag.nondeterministic_seeded in op.tags:
         # The attention ops are tagged for the dropout their schema allows; the drawn
         # models' attention has none, so it may be recomputed (with dropout it may not:
-        # test_solver.test_attention_is_recomputed_only_without_dropout).
+        # test_min_cut.test_attention_draws_random_numbers_only_with_dropout).
         return "dropout_p" not in {argument.name for argument in op._schema.arguments}
     # Any aten op with a random-sounding name counts too, tagged or not. Not
     # prims.inductor_random(shape, seed, mode): a pure function of a seed that
