@@ -12,12 +12,14 @@ are never recomputed and ``save_only`` into the only values that may be kept
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import gc
 import math
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -157,8 +159,32 @@ def choose_saved(
     graph: fx.Graph, info: JointInfo, num_fwd_outputs: int, options: RematOptions, graph_name: str
 ) -> BudgetedChoice:
     """The values to keep for ``graph`` under the budget and policy of ``options``."""
-    if options.save_only:
-        return _choose_tagged(graph, info, num_fwd_outputs, options, graph_name)
+    with _garbage_collection_paused():
+        if options.save_only:
+            return _choose_tagged(graph, info, num_fwd_outputs, options, graph_name)
+        return _choose_budgeted(graph, info, num_fwd_outputs, options, graph_name)
+
+
+@contextlib.contextmanager
+def _garbage_collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the solve. Each simulation allocates
+    thousands of short-lived objects, which start collections of the oldest
+    generation, and those scan every object of the traced program (its graph and fake
+    tensors): a quarter of the solve time on a 12-layer GPT (``make solver-sweep``:
+    1.83 s with it, 1.38 s without). The solve makes few reference cycles; the
+    collector runs again after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _choose_budgeted(
+    graph: fx.Graph, info: JointInfo, num_fwd_outputs: int, options: RematOptions, graph_name: str
+) -> BudgetedChoice:
     started = time.perf_counter()
     device = graph_device(graph)
     estimator = make_estimator(options.time_estimator, device)
@@ -178,7 +204,7 @@ def choose_saved(
     except InfeasibleBudget as error:
         if options.on_infeasible == "raise":
             raise
-        warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=2)
+        warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=4)
         solution = error.lowest
         offload = choose_offloads(graph, solution.saved, num_fwd_outputs, options, fused_model(options))
         peak = offload.peak_bytes if offload is not None else solution.peak
@@ -268,7 +294,7 @@ def _choose_tagged(
         if name not in found:
             warnings.warn(
                 f"remat option save_only={list(options.save_only)!r}: no value of graph {graph_name} is "
-                f"tagged {name!r} (name values with remat.tag(x, {name!r}))", RematBudgetWarning, stacklevel=3,
+                f"tagged {name!r} (name values with remat.tag(x, {name!r}))", RematBudgetWarning, stacklevel=4,
             )
     kept_tags = {
         node: f"tagged {', '.join(map(repr, sorted(tags & names)))} (save_only)"
@@ -301,7 +327,7 @@ def _choose_tagged(
             error = SaveOnlyOverBudget(budget, plan, options.save_only)
             if options.on_infeasible == "raise":
                 raise error
-            warnings.warn(f"{error}. Using it (on_infeasible='closest').", RematBudgetWarning, stacklevel=3)
+            warnings.warn(f"{error}. Using it (on_infeasible='closest').", RematBudgetWarning, stacklevel=4)
     reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
     for node in saved:  # the parts of a tuple-valued op that may not be recomputed
         if (source := source_op(node)) is not node and source.name in reasons:
@@ -323,7 +349,7 @@ def _warn_unmatched(options: RematOptions, matched: set[str], graph_name: str) -
         if pattern not in matched:
             warnings.warn(
                 f"remat option exclude={list(options.exclude)!r}: pattern {pattern!r} matches no module "
-                f"of graph {graph_name}", RematBudgetWarning, stacklevel=3,
+                f"of graph {graph_name}", RematBudgetWarning, stacklevel=4,
             )
 
 

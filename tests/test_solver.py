@@ -4,6 +4,7 @@ budgets honored and monotone in simulation, policies, exclude, infeasible budget
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 
 import remat
 import remat.partition as partition
+import remat.solver as solver
 from benchmarks.measure import WithLoss
 from remat.cost_models import runtime
 from remat.cost_models.devices import DeviceProfile
@@ -285,3 +287,25 @@ def test_attention_without_dropout_is_recomputed() -> None:
     reference(*case.inputs).backward()
     for (name, a), (_, b) in zip(reference.named_parameters(), compiled_model.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_solve_pauses_garbage_collection_and_restores_it(monkeypatch: pytest.MonkeyPatch, enabled_before: bool) -> None:
+    """The solver turns Python's collector off while it runs (it is a quarter of the
+    solve time) and leaves it as it found it, even when the solve raises."""
+    during = []
+
+    def failing_solve(*args: Any) -> None:
+        during.append(gc.isenabled())
+        raise RuntimeError("solve failed")
+
+    monkeypatch.setattr(solver, "_choose_budgeted", failing_solve)
+    was = gc.isenabled()
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        with pytest.raises(RuntimeError, match="solve failed"):
+            solver.choose_saved(None, None, 1, RematOptions(memory_budget=0.5), "graph_0")
+        assert during == [False]
+        assert gc.isenabled() is enabled_before
+    finally:
+        (gc.enable if was else gc.disable)()
