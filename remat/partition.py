@@ -204,13 +204,14 @@ class RematPartitioner:
         budget_bytes: int | None,
     ) -> tuple[bool | None, MemoryPrediction | None]:
         """Whether Inductor's wrapper may pool freed buffers for these graphs, and the
-        fused prediction of the step as it will then run. The pool's holds never lower
-        a peak and may raise it (the plan is made without them); they save allocator
-        calls (``benchmarks/buffer_pool.py``: a U-Net plan ran 1.024x PyTorch's time
-        without them and 1.000x with them on the CPU). So the pool stays where its
-        simulated peak fits the memory budget, or without a budget, where it raises the
-        peak by at most ``POOL_TOLERANCE``. None: not compiled by Inductor, or not
-        predicted (Inductor's default then stands)."""
+        fused prediction of the step as it will then run. The pool's holds may raise a
+        peak (the plan is made without them); they save allocator calls
+        (``benchmarks/buffer_pool.py``: a U-Net plan ran 1.024x PyTorch's time without
+        them and 1.000x with them on the CPU). So the pool stays where its simulated
+        peak fits the memory budget, or is no higher than without it (a budget that no
+        plan meets), or without a budget, where it raises the peak by at most
+        ``POOL_TOLERANCE``. None: not compiled by Inductor, or not predicted (Inductor's
+        default then stands)."""
         if self.options.inner_compiler != "inductor" or fused_memory is None:
             return None, fused_memory
         try:
@@ -219,7 +220,8 @@ class RematPartitioner:
             log.debug("remat could not simulate Inductor's buffer pool on %s", self.graph_name, exc_info=True)
             return None, fused_memory
         if budget_bytes is not None:
-            keep = pooled.peak_bytes + pooled.resident_bytes <= budget_bytes
+            fits = pooled.peak_bytes + pooled.resident_bytes <= budget_bytes
+            keep = fits or pooled.peak_bytes <= fused_memory.peak_bytes
         else:
             keep = pooled.peak_bytes <= fused_memory.peak_bytes * (1 + POOL_TOLERANCE)
         return keep, pooled if keep else fused_memory

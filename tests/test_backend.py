@@ -154,7 +154,8 @@ def test_the_buffer_pool_stays_where_it_fits(monkeypatch):
     assert remat.explain(model).buffer_pool is True  # its holds raise no peak here
     assert remat.explain(_eager_planned()).buffer_pool is None  # not compiled by Inductor
 
-    # the rule, on made-up predictions: within the budget, or without one within 1%
+    # the rule, on made-up predictions: within the budget, or no higher than without it
+    # (a budget no plan meets), or without a budget within 1%
     def prediction(peak: int) -> MemoryPrediction:
         return MemoryPrediction(peak_bytes=peak, resident_bytes=100, peak_at="", positions=[], live_bytes=[])
 
@@ -162,7 +163,8 @@ def test_the_buffer_pool_stays_where_it_fits(monkeypatch):
     monkeypatch.setattr(remat.partition, "predict_memory", lambda *args, **kwargs: prediction(pooled["peak"]))
     partitioner = remat.partition.RematPartitioner(RematOptions(), "made-up", lambda plan: None)
     plain = prediction(1000)
-    for peak, budget, keep in [(1000, None, True), (1010, None, True), (1011, None, False), (1400, 1500, True), (1401, 1500, False)]:
+    for peak, budget, keep in [(1000, None, True), (1010, None, True), (1011, None, False), (1400, 1500, True), (1401, 1500, False),
+                               (990, 900, True), (1000, 900, True), (1001, 900, False)]:
         pooled["peak"] = peak
         decision, as_run = partitioner._buffer_pool(None, None, 1, plain, budget)
         assert decision is keep, (peak, budget)

@@ -130,6 +130,49 @@ def test_fused_on_the_cpu_kernels_between_two_extern_kernels_run_as_one_call() -
     assert _interval(fused, "relu_1").start == fused.positions.index("forward:relu")
 
 
+def test_fused_a_kernel_runs_after_what_its_later_part_needs() -> None:
+    """Inductor fuses two kernels that read the same value even when the later one
+    needs a value made after the earlier one (a recomputed LayerNorm and its
+    backward, which needs a matmul's result): the fused kernel runs at its first
+    part's place and pulls that matmul ahead of itself."""
+
+    def f(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = (x * 2).relu()  # stored: a matmul reads it
+        p = a.t() @ g  # 4 MiB
+        q = g @ w  # made after a's kernel
+        b = (x + q).relu()  # reads x like a's kernel: fused with it, so q is made before both
+        return p, b
+
+    graph = _fake_graph(f, torch.randn(256, 1024), torch.randn(1024, 1024), torch.randn(256, 1024))
+    fusion = _fusion(graph)
+    assert {n.name: before.name for n, before in fusion.pulled.items()} == {"mm_1": "relu"}
+    assert fusion.runs_with[next(n for n in graph.nodes if n.name == "relu_1")].name == "relu"
+    fused = simulate_step(graph, fused=True)
+    relu = fused.positions.index("forward:relu")
+    assert _interval(fused, "mm_1").start == _interval(fused, "relu_1").start == relu
+    assert _interval(fused, "mm_1").end == relu  # last read by b's part of the kernel
+    # while p is made: a, b and p (q is gone); op by op b comes after p
+    assert fused.live_bytes[fused.positions.index("forward:mm")] == 6 * MIB
+    assert simulate_step(graph).live_bytes[fused.positions.index("forward:mm")] == 5 * MIB
+
+
+def test_fused_reductions_over_different_ranges_stay_apart() -> None:
+    """Sums over rows and over columns of one value loop over the same elements, but
+    Inductor fuses reductions only with equal ranges (a LayerNorm backward's row sums
+    and its weight gradient's column sums are two kernels)."""
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = (x * 2).sum(1)
+        m = x @ w  # an extern kernel between them: each sum starts a C++ function of its own
+        columns = (x * 3).sum(0)
+        same_rows = (x * 4).sum(1)
+        return rows, m, columns, same_rows
+
+    graph = _fake_graph(f, torch.randn(256, 1024), torch.randn(1024, 1024))
+    runs_with = {n.name: first.name for n, first in _fusion(graph).runs_with.items()}
+    assert runs_with == {"sum_3": "sum_1"}
+
+
 def _pool_graph(big_first: bool) -> torch.fx.Graph:
     """y (1 MiB) is last read by its sum; z, made later, has y's size. Between the two
     runs the 4 MiB matmul ``big`` or nothing (``big_first``: it ran before y)."""

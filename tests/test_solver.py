@@ -24,7 +24,7 @@ from remat.passes.budget import BudgetProblem, Group, lowest_plan, model_seconds
 from remat.passes.schedule import complete_saved_set, step_order
 from remat.passes.segments import find_segments
 from remat.solver import RematBudgetWarning, module_path
-from tests.zoo import make_gpt, make_resnet, make_unet
+from tests.zoo import make_gpt, make_mlp, make_resnet, make_unet
 
 
 # Estimated times come from the CPU's calibration, which is measured anew on each
@@ -58,6 +58,7 @@ CASES = {
     "gpt-dropout": lambda: small_gpt(dropout=0.1),
     "unet": make_unet,
     "resnet": make_resnet,
+    "mlp": make_mlp,
 }
 
 
@@ -159,6 +160,18 @@ def test_dynamic_program_within_3_percent_of_the_ilp(name: str, captured: dict[s
             assert model_seconds(problem, dp) <= 1.03 * model_seconds(problem, exact) + 1e-12
             checked += 1
     assert checked >= 5
+
+
+def test_the_lowest_plan_is_no_higher_than_any_plan_simulated(captured: dict[str, Any]) -> None:
+    """On a small MLP as Inductor compiles it, keeping everything peaks 64 bytes under
+    every plan that recomputes. The plan for a budget nothing meets must be the lowest
+    simulated, not the lowest by the model (which was the one a lower budget got,
+    so that it reported a higher peak than a higher budget did)."""
+    found = plan_case("mlp", captured)
+    problem = BudgetProblem(found["graph"], found["info"], found["n"], make_estimator("roofline", "cpu"), fused=True)
+    everything_kept = problem.simulate([Group(i, i, "save") for i in range(len(problem.segments))])
+    lowest = lowest_plan(problem)
+    assert lowest.peak == min(s.peak for s in problem.simulated()) <= everything_kept.peak
 
 
 def test_dynamic_program_answers_a_tiny_budget_at_once(captured: dict[str, Any]) -> None:

@@ -27,7 +27,10 @@ and U-Net graphs: the same values, up to a few tiny ones.
 
 The scheduler then fuses kernels (``Scheduler.fuse_nodes``): a fused kernel runs where
 its first part did, so a later part allocates its result early and frees its inputs
-early (``Fusion.runs_with``); a stored value only its own fused kernel reads is not
+early (``Fusion.runs_with``), and what a later part needs from after that place runs
+just before it (``Fusion.pulled``: on the demo GPT, the recomputed final LayerNorm fused
+with its backward pulls the gradient's matmul ahead, and the lm_head's weight-gradient
+matmul then runs with both alive); a stored value only its own fused kernel reads is not
 stored after all (``remove_kernel_local_buffers``); and a kernel may write its result
 over an input it reads for the last time (``Fusion.in_place``). On the CPU,
 convolutions run channels-last, without the scratch they need eagerly
@@ -38,12 +41,19 @@ copy of a value whose layout was fixed otherwise (``_channels_last_copies``: a
 U-Net's recomputed upsampling, GroupNorm's input gradients). Each rule was needed to
 come within 10% of the peaks ``benchmarks/predict.py`` measures under Inductor; the
 last two for U-Net plans that recompute convolutions (issue 4: 45.2 MiB predicted
-without them, 55.0 MiB with, 60.2 MiB measured).
+without them, 55.0 MiB with, 60.2 MiB measured); the pulled nodes for the demo GPT
+(81.1 MiB predicted without them, 83.1 MiB with, 83.3 MiB measured).
+
+Not modelled: Inductor's ``reorder_for_peak_memory`` pass, which reorders the fused
+kernels where its own estimate says another topological order has a lower peak. On
+``make predict``'s MLP it runs the LayerNorm weight-gradient sums before a matmul rather
+than after, and the measured peak is 3.4% under the prediction.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +62,7 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import inductor_fallback_random, is_builtin_op, is_op_overload, size_hint
-from remat.cost_models.sizes import storage_bytes
+from remat.cost_models.sizes import storage_bytes, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 
 aten = torch.ops.aten
@@ -212,6 +222,9 @@ class Fusion:
         its fused kernel), the stored values its expression loads from outside its
         fused kernel (those in ``inlined`` are computed in the same fused kernel too):
         what the kernel reads from memory.
+    pulled: for a node that runs ahead of its place in the graph, because a fused
+        kernel needs it and came earlier (with what it needs in turn), the node of the
+        graph it now runs just before.
     """
 
     inlined: set[fx.Node]
@@ -219,6 +232,7 @@ class Fusion:
     in_place: dict[fx.Node, list[fx.Node]]
     copies: dict[tuple[fx.Node, fx.Node], fx.Node]
     loads: dict[fx.Node, frozenset[fx.Node]]
+    pulled: dict[fx.Node, fx.Node]
 
 
 def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
@@ -246,7 +260,7 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
         else:
             kernels[node] = expression
     index = {node: i for i, node in enumerate(nodes)}
-    leader = _group_kernels(kernels, index)
+    leader, pulled = _group_kernels(kernels, index)
     on_cpu = _on_cpu(nodes)
     called = _calls(nodes, kernels, inlined, leader) if on_cpu else leader
     readers: dict[fx.Node, list[fx.Node]] = {}
@@ -262,7 +276,7 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
         node: frozenset(v for v in expression.reads if leader.get(_source(v), v) is not leader[node])
         for node, expression in kernels.items()
     }
-    return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index), copies, loads)
+    return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index), copies, loads, pulled)
 
 
 CONVOLUTIONS = frozenset({aten.convolution.default, aten.convolution_backward.default})
@@ -419,14 +433,24 @@ MAX_FUSION_SIZE = 64  # config.max_fusion_size: nodes in one fused kernel
 PAIRWISE_ATTEMPTS = 64  # config.max_fusion_buffer_group_pairwise_attempts
 
 
-def _group_kernels(kernels: Mapping[fx.Node, _Expression], index: Mapping[fx.Node, int]) -> dict[fx.Node, fx.Node]:
+def _group_kernels(
+    kernels: Mapping[fx.Node, _Expression], index: Mapping[fx.Node, int]
+) -> tuple[dict[fx.Node, fx.Node], dict[fx.Node, fx.Node]]:
     """Which kernels Inductor fuses into one (``Scheduler.fuse_nodes``), each mapped
     to the first node of its group, where the fused kernel runs (a fused node takes
     the place of its earliest part). As Inductor does: pairs of kernels with loops of
     the same size that touch a common stored value (one reads what the other makes,
     or both read it) fuse, best first (both reductions or neither, then the most
     bytes shared, then the closest), unless the fused kernel would exceed
-    ``MAX_FUSION_SIZE`` nodes or need a value made after its place (a cycle)."""
+    ``MAX_FUSION_SIZE`` nodes, depend on itself (a cycle) or hold reductions over
+    different ranges (``CppScheduling``: a LayerNorm backward's sums over each row
+    and its weight gradient's sums over the rows are two kernels).
+
+    What a fused kernel needs from after its place runs just before it, with what
+    that needs in turn (``Scheduler.topological_sort_schedule`` after each round of
+    fusion): a recomputed LayerNorm fused with its backward pulls the matmul that
+    makes the backward's input ahead of itself. The second map sends each node pulled
+    so to the node of the graph it now runs just before."""
     touching: dict[fx.Node, list[fx.Node]] = {}  # stored value -> kernels reading or making it
     needs: dict[fx.Node, set[fx.Node]] = {}
     touched: dict[fx.Node, set[fx.Node]] = {}  # what each kernel reads or makes
@@ -452,29 +476,106 @@ def _group_kernels(kernels: Mapping[fx.Node, _Expression], index: Mapping[fx.Nod
         ranked.append((same_kind, score, -abs(index[a] - index[b]), index[a], index[b], a, b))
     ranked.sort(key=lambda r: r[:5], reverse=True)
 
-    leader = {node: node for node in kernels}  # group of each kernel, named by its first node
-    members = {node: {node} for node in kernels}
-    outside = {node: set(needs[node]) for node in kernels}  # what each group needs from elsewhere
+    schedule = _Schedule(kernels, needs, index)
     for *_, a, b in ranked:
-        first, second = sorted((leader[a], leader[b]), key=index.__getitem__)
-        if first is second or len(members[first]) + len(members[second]) > MAX_FUSION_SIZE:
+        first, second = sorted((schedule.leader[a], schedule.leader[b]), key=schedule.place.__getitem__)
+        if first is second or len(schedule.members[first]) + len(schedule.members[second]) > MAX_FUSION_SIZE:
             continue
-        fused = members[first] | members[second]
-        wanted = (outside[first] | outside[second]) - fused
-        if any(index.get(value, -1) >= index[first] for value in wanted):
-            continue
-        for node in members[second]:
-            leader[node] = first
-        members[first] = fused
-        del members[second]
-        outside[first] = wanted
-        del outside[second]
-    return leader
+        schedule.fuse(first, second)
+    return schedule.leader, schedule.pulled()
+
+
+class _Schedule:
+    """The kernels' order while ``_group_kernels`` fuses them: each group of kernels
+    named by its first node, and where each node runs (a place; a kernel runs at its
+    group's)."""
+
+    def __init__(self, kernels: Mapping[fx.Node, object], needs: Mapping[fx.Node, set[fx.Node]], index: Mapping[fx.Node, int]) -> None:
+        self.needs = needs
+        self.leader = {node: node for node in kernels}
+        self.members = {node: {node} for node in kernels}
+        self.outside = {node: set(needs[node]) for node in kernels}  # what each group needs from elsewhere
+        self.reduction = {node: _reduction_ranges(node) for node in kernels}  # a group's, None without one
+        self.index = index
+        self.place: dict[fx.Node, float] = dict(index)
+
+    def _where(self, node: fx.Node) -> float:
+        return self.place.get(self.leader.get(node, node), -1.0)
+
+    def fuse(self, first: fx.Node, second: fx.Node) -> bool:
+        """Fuse the group of ``second`` into that of ``first`` (the earlier), pulling
+        what it needs ahead, unless that makes a cycle."""
+        reductions = {self.reduction[first], self.reduction[second]} - {None}
+        if len(reductions) > 1:
+            return False
+        fused = self.members[first] | self.members[second]
+        wanted = (self.outside[first] | self.outside[second]) - fused
+        ahead = self._needed_after(wanted, self.place[first], fused)
+        if ahead is None:
+            return False
+        self.reduction[first] = next(iter(reductions), None)
+        del self.reduction[second]
+        self._move_before(ahead, first)
+        for node in self.members[second]:
+            self.leader[node] = first
+        self.members[first] = fused
+        del self.members[second]
+        self.outside[first] = wanted
+        del self.outside[second]
+        return True
+
+    def _needed_after(self, wanted: set[fx.Node], at: float, fused: set[fx.Node]) -> set[fx.Node] | None:
+        """The nodes at or after ``at`` that ``wanted`` come from (whole groups), or
+        None when one of them needs the fused group itself."""
+        ahead: set[fx.Node] = set()
+        pending = list(wanted)
+        while pending:
+            value = pending.pop()
+            if value in ahead or self._where(value) < at:
+                continue
+            group = self.members[self.leader[value]] if value in self.leader else {value}
+            if group & fused:
+                return None
+            for node in group:
+                ahead.add(node)
+                pending.extend(self.needs[node] if node in self.needs else map(_source, node.all_input_nodes))
+        return ahead
+
+    def _move_before(self, nodes: set[fx.Node], kernel: fx.Node) -> None:
+        """Run ``nodes`` just before ``kernel``, in their order."""
+        if not nodes:
+            return
+        at = self.place[kernel]
+        below = max((p for p in self.place.values() if p < at), default=at - 1.0)
+        moved = sorted(nodes, key=lambda node: (self._where(node), self.place[node]))
+        step = (at - below) / (len(moved) + 1)
+        for i, node in enumerate(moved, 1):
+            self.place[node] = below + i * step
+
+    def pulled(self) -> dict[fx.Node, fx.Node]:
+        """For each node that now runs ahead of its place in the graph, the node of the
+        graph it runs just before."""
+        at_index = {i: node for node, i in self.index.items()}
+        found = {}
+        for node in self.index:
+            head = self.leader.get(node, node)
+            if self.place[head] != self.index[head]:
+                found[node] = at_index[math.ceil(self.place[head])]
+        return found
 
 
 def _value_bytes(node: fx.Node) -> int:
     value = node.meta.get("val")
     return storage_bytes(value) if isinstance(value, torch.Tensor) else 0
+
+
+def _reduction_ranges(node: fx.Node) -> tuple[int, int] | None:
+    """A reduction's loops: the elements it keeps and the elements it sums into each."""
+    if _packet(node) not in REDUCTIONS or not (node.args and isinstance(node.args[0], fx.Node)):
+        return None
+    outputs = tensors_in(node.meta.get("val"))
+    kept = max(size_hint(outputs[0].numel()), 1) if outputs else 1
+    return kept, _numel(node.args[0]) // kept
 
 
 def _loop_size(node: fx.Node) -> int:

@@ -353,7 +353,7 @@ def simulate_order(
     )
 
 
-_UNFUSED = Fusion(set(), {}, {}, {}, {})
+_UNFUSED = Fusion(set(), {}, {}, {}, {}, {})
 
 
 def _copies(fusion: Fusion, position: Mapping[fx.Node, int]) -> list[Interval]:
@@ -366,9 +366,12 @@ def _copies(fusion: Fusion, position: Mapping[fx.Node, int]) -> list[Interval]:
 
 
 def _kernel_positions(fusion: Fusion, position: dict[fx.Node, int]) -> dict[fx.Node, int]:
-    """Where each node runs: a kernel fused into an earlier one, there."""
+    """Where each node runs: a kernel fused into an earlier one, there; a node that a
+    fused kernel pulls ahead, with the node it now runs just before."""
+    placed = {node: position[before] for node, before in fusion.pulled.items()}
     for node, first in fusion.runs_with.items():
         position[node] = position[first]
+    position.update(placed)
     return position
 
 
@@ -382,9 +385,11 @@ def _write_in_place(
 ) -> list[_Storage]:
     """A kernel that reads a stored input for the last time, elementwise at its own
     index, writes its result over it (``Fusion.in_place``): end the input's storage
-    just before the kernel, so the two are never counted together. Parameters and
-    inputs are resident (no storage here); tangents are never written over. Returns
-    the storages written over (not freed, so never pooled)."""
+    just before the kernel, so the two are never counted together; an input made at
+    the kernel's own position (pulled ahead of it, ``Fusion.pulled``) takes no bytes
+    of its own, the result's are its. Parameters and inputs are resident (no storage
+    here); tangents are never written over. Returns the storages written over (not
+    freed, so never pooled)."""
     consumed = []
     for node, candidates in fusion.in_place.items():
         result, at = storage_of(node), position[node]
@@ -392,8 +397,11 @@ def _write_in_place(
             continue
         for candidate in candidates:
             storage = storage_of(candidate)
-            if storage is not None and storage is not result and storage.start < at == storage.end and storage.nbytes == result.nbytes:
-                storage.end = at - 1
+            if storage is not None and storage is not result and storage.start <= at == storage.end and storage.nbytes == result.nbytes:
+                if storage.start == at:
+                    storage.nbytes = 0
+                else:
+                    storage.end = at - 1
                 consumed.append(storage)
                 break
     return consumed
