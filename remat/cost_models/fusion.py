@@ -498,21 +498,23 @@ class _Schedule:
         self.reduction = {node: _reduction_ranges(node) for node in kernels}  # a group's, None without one
         self.index = index
         self.place: dict[fx.Node, float] = dict(index)
+        self.moved: dict[int, list[float]] = {}  # places given to moved nodes, by the index they run before
 
     def _where(self, node: fx.Node) -> float:
         return self.place.get(self.leader.get(node, node), -1.0)
 
-    def fuse(self, first: fx.Node, second: fx.Node) -> bool:
+    def fuse(self, first: fx.Node, second: fx.Node) -> None:
         """Fuse the group of ``second`` into that of ``first`` (the earlier), pulling
-        what it needs ahead, unless that makes a cycle."""
+        what it needs ahead, unless their reductions run over different ranges or the
+        fused kernel would need its own result (a cycle)."""
         reductions = {self.reduction[first], self.reduction[second]} - {None}
         if len(reductions) > 1:
-            return False
+            return
         fused = self.members[first] | self.members[second]
         wanted = (self.outside[first] | self.outside[second]) - fused
         ahead = self._needed_after(wanted, self.place[first], fused)
         if ahead is None:
-            return False
+            return
         self.reduction[first] = next(iter(reductions), None)
         del self.reduction[second]
         self._move_before(ahead, first)
@@ -522,7 +524,6 @@ class _Schedule:
         del self.members[second]
         self.outside[first] = wanted
         del self.outside[second]
-        return True
 
     def _needed_after(self, wanted: set[fx.Node], at: float, fused: set[fx.Node]) -> set[fx.Node] | None:
         """The nodes at or after ``at`` that ``wanted`` come from (whole groups), or
@@ -546,11 +547,14 @@ class _Schedule:
         if not nodes:
             return
         at = self.place[kernel]
-        below = max((p for p in self.place.values() if p < at), default=at - 1.0)
+        slot = math.ceil(at)  # the places between slot - 1 (a node of the graph) and at
+        taken = self.moved.setdefault(slot, [])
+        below = max((p for p in taken if p < at), default=slot - 1.0)
         moved = sorted(nodes, key=lambda node: (self._where(node), self.place[node]))
         step = (at - below) / (len(moved) + 1)
         for i, node in enumerate(moved, 1):
             self.place[node] = below + i * step
+            taken.append(self.place[node])
 
     def pulled(self) -> dict[fx.Node, fx.Node]:
         """For each node that now runs ahead of its place in the graph, the node of the
