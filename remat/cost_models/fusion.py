@@ -38,11 +38,15 @@ convolutions run channels-last, without the scratch they need eagerly
 generated into one C++ function, whose results are all allocated before it runs
 (``_calls``); and in a graph with a convolution, a convolution reads a channels-last
 copy of a value whose layout was fixed otherwise (``_channels_last_copies``: a
-U-Net's recomputed upsampling, GroupNorm's input gradients). Each rule was needed to
+U-Net's recomputed upsampling, GroupNorm's input gradients), and a graph input it
+copies so that the graph also returns is returned as the copy
+(``returned_input_copies``: weights saved for the backward). Each rule was needed to
 come within 10% of the peaks ``benchmarks/predict.py`` measures under Inductor; the
 last two for U-Net plans that recompute convolutions (issue 4: 45.2 MiB predicted
 without them, 55.0 MiB with, 60.2 MiB measured); the pulled nodes for the demo GPT
-(81.1 MiB predicted without them, 83.1 MiB with, 83.3 MiB measured).
+(81.1 MiB predicted without them, 83.1 MiB with, 83.3 MiB measured); the returned
+copies for the U-Net (59.2 MiB predicted without them, 62.2 MiB with, 62.8 MiB
+measured).
 
 Not modelled: Inductor's ``reorder_for_peak_memory`` pass, which reorders the fused
 kernels where its own estimate says another topological order has a lower peak. On
@@ -326,6 +330,43 @@ def _channels_last_copies(
             if value in kernels and (viewed or shared):
                 copies[arg, reader] = value
     return copies
+
+
+def returned_input_copies(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Graph inputs that the graph returns as channels-last copies, each with the
+    convolution where the copy is made. In a graph laid out channels-last
+    (``lays_out_channels_last``) a convolution requires its input and weight
+    channels-last, and copies a graph input laid out otherwise (``copy_input``); where
+    the graph returns that input too (a weight or an image saved for the backward), it
+    returns the copy, which then lives until the backward's last use of it. On the
+    issue-4 U-Net: 3.1 MiB of 3x3 weights and the 0.4 MiB image, which a 0.7 budget's
+    plan measured above its prediction."""
+    if not lays_out_channels_last(nodes):
+        return {}
+    returned = set(outputs)
+    found: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.target is not aten.convolution.default:
+            continue
+        for arg in node.args[:2]:
+            if isinstance(arg, fx.Node) and arg.op == "placeholder" and arg in returned and not _channels_last(arg):
+                found.setdefault(arg, node)
+    return found
+
+
+def _channels_last(node: fx.Node) -> bool:
+    """Whether a 4-d value is laid out channels-last already (dims of size 1 aside)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() != 4:
+        return True
+    sizes = [size_hint(s) for s in value.shape]
+    strides = [size_hint(s) for s in value.stride()]
+    expected = 1
+    for dim in (1, 3, 2, 0):  # channels vary fastest, then width, height, batch
+        if sizes[dim] != 1 and strides[dim] != expected:
+            return False
+        expected *= sizes[dim]
+    return True
 
 
 def lays_out_channels_last(nodes: Sequence[fx.Node]) -> bool:

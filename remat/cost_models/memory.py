@@ -42,7 +42,9 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import is_primal, is_tangent, storage_key
-from remat.cost_models.fusion import Fusion, fuse, fused_workspace_bytes, read_positions, wrapper_allocates
+from remat.cost_models.fusion import (
+    Fusion, fuse, fused_workspace_bytes, read_positions, returned_input_copies, wrapper_allocates,
+)
 from remat.cost_models.sizes import graph_device, leaves, storage_bytes, tensor_size, tensors_in
 from remat.cost_models.transfers import Window
 from remat.cost_models.workspace import workspace_bytes
@@ -157,6 +159,7 @@ def simulate_step(
     # inputs (saved values, and views of them) are the forward's storages.
     storages: dict[tuple[int, int], _Storage] = {}
     copies: list[Interval] = []
+    returned_copies: dict[int, _Storage] = {}  # by the storage of the input copied
     fusions: list[tuple[Fusion, dict[fx.Node, int], Callable[[fx.Node], _Storage | None]]] = []
     spans: list[tuple[int, int]] = []  # first and last position of each graph
     graph_start = 0
@@ -167,6 +170,11 @@ def simulate_step(
         runs_at = _kernel_positions(fusion, {n: where[n] for n in nodes})
         read_at = read_positions(nodes, runs_at, fusion)
         copies.extend(_copies(fusion, runs_at))
+        if fused and index == 0:
+            for value, convolution in returned_input_copies(nodes, _outputs(graph)).items():
+                at = runs_at[convolution]
+                for tensor in tensors_in(value.meta.get("val")):
+                    returned_copies[storage_key(tensor)] = _Storage(f"copy of {value.name}", storage_bytes(tensor), at, at)
         handed_over = {
             storage_key(t)
             for node in graph.find_nodes(op="placeholder")
@@ -187,6 +195,8 @@ def simulate_step(
             dies = max((read_at.get((node, u), graph_end) for u in node.users), default=born)
             for tensor in tensors_in(node.meta.get("val")):
                 ref = storage_key(tensor)
+                if ref in returned_copies:  # the copy lives as long as the input's readers
+                    returned_copies[ref].end = max(returned_copies[ref].end, dies)
                 if ref in resident or tensor.device != device:  # host copies are not device memory
                     continue
                 key = (index - 1, ref) if index and ref in handed_over else (index, ref)
@@ -206,7 +216,8 @@ def simulate_step(
             if buffer_pool:
                 _reuse_freed_buffers(storages.values(), first, final, consumed)
 
-    intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()] + copies
+    kept = [*storages.values(), *returned_copies.values()]
+    intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in kept] + copies
     scratch_of = fused_workspace_bytes if fused else workspace_bytes
     for node, position in where.items():
         if scratch := scratch_of(node):
@@ -341,6 +352,13 @@ def simulate_order(
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
     intervals += _copies(fw_fusion, fw_at) + _copies(bw_fusion, bw_at)
+    if fused:
+        for value, convolution in returned_input_copies(order.forward, {*order.saved, *order.user_outputs}).items():
+            end = max(backward_start - 1, handed.get(value, 0))
+            intervals += [
+                Interval(f"copy of {value.name}", storage_bytes(t), fw_at[convolution], end)
+                for t in tensors_in(value.meta.get("val"))
+            ]
     scratch_of = fused_workspace_bytes if fused else workspace_bytes
     for node, at in itertools.chain(fw_at.items(), bw_at.items()):
         if scratch := scratch_of(node):
