@@ -204,7 +204,7 @@ def _choose_budgeted(
     except InfeasibleBudget as error:
         if options.on_infeasible == "raise":
             raise
-        warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=4)
+        warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=3)
         solution = error.lowest
         offload = choose_offloads(graph, solution.saved, num_fwd_outputs, options, fused_model(options))
         peak = offload.peak_bytes if offload is not None else solution.peak
@@ -294,7 +294,7 @@ def _choose_tagged(
         if name not in found:
             warnings.warn(
                 f"remat option save_only={list(options.save_only)!r}: no value of graph {graph_name} is "
-                f"tagged {name!r} (name values with remat.tag(x, {name!r}))", RematBudgetWarning, stacklevel=4,
+                f"tagged {name!r} (name values with remat.tag(x, {name!r}))", RematBudgetWarning, stacklevel=3,
             )
     kept_tags = {
         node: f"tagged {', '.join(map(repr, sorted(tags & names)))} (save_only)"
@@ -327,7 +327,7 @@ def _choose_tagged(
             error = SaveOnlyOverBudget(budget, plan, options.save_only)
             if options.on_infeasible == "raise":
                 raise error
-            warnings.warn(f"{error}. Using it (on_infeasible='closest').", RematBudgetWarning, stacklevel=4)
+            warnings.warn(f"{error}. Using it (on_infeasible='closest').", RematBudgetWarning, stacklevel=3)
     reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
     for node in saved:  # the parts of a tuple-valued op that may not be recomputed
         if (source := source_op(node)) is not node and source.name in reasons:
