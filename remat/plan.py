@@ -83,8 +83,9 @@ class Plan:
 
     ``buffer_pool``: whether Inductor's wrapper may hold a freed buffer for a later
     one of its size; False where the simulator finds that its holds would raise the
-    fused peak past the memory budget (without one, by more than 1%); ``fused_memory``
-    is the step with or without the pool, as it runs."""
+    fused peak past the memory budget (and above the peak without them, where no plan
+    meets the budget; without a budget, by more than 1%); ``fused_memory`` is the step
+    with or without the pool, as it runs."""
 
     graph: str
     inner_compiler: str

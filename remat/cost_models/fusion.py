@@ -40,7 +40,7 @@ generated into one C++ function, whose results are all allocated before it runs
 copy of a value whose layout was fixed otherwise (``_channels_last_copies``: a
 U-Net's recomputed upsampling, GroupNorm's input gradients), and a graph input it
 copies so that the graph also returns is returned as the copy
-(``returned_input_copies``: weights saved for the backward). Each rule was needed to
+(``Fusion.returned_copies``: weights saved for the backward). Each rule was needed to
 come within 10% of the peaks ``benchmarks/predict.py`` measures under Inductor; the
 last two for U-Net plans that recompute convolutions (issue 4: 45.2 MiB predicted
 without them, 55.0 MiB with, 60.2 MiB measured); the pulled nodes for the demo GPT
@@ -229,6 +229,8 @@ class Fusion:
     pulled: for a node that runs ahead of its place in the graph, because a fused
         kernel needs it and came earlier (with what it needs in turn), the node of the
         graph it now runs just before.
+    returned_copies: for a graph input that the graph returns as a channels-last copy
+        (``_returned_input_copies``), the convolution where the copy is made.
     """
 
     inlined: set[fx.Node]
@@ -237,6 +239,7 @@ class Fusion:
     copies: dict[tuple[fx.Node, fx.Node], fx.Node]
     loads: dict[fx.Node, frozenset[fx.Node]]
     pulled: dict[fx.Node, fx.Node]
+    returned_copies: dict[fx.Node, fx.Node]
 
 
 def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
@@ -276,11 +279,13 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
             inlined.add(node)
     runs_with = {node: first for node, first in called.items() if first is not node}
     copies = _channels_last_copies(nodes, kernels, members) if on_cpu else {}
+    returned_copies = _returned_input_copies(nodes, returned) if on_cpu else {}
     loads = {  # a value made in the same fused kernel is read where it is computed
         node: frozenset(v for v in expression.reads if leader.get(_source(v), v) is not leader[node])
         for node, expression in kernels.items()
     }
-    return Fusion(inlined, runs_with, _in_place(kernels, readers, leader, index), copies, loads, pulled)
+    in_place = _in_place(kernels, readers, leader, index)
+    return Fusion(inlined, runs_with, in_place, copies, loads, pulled, returned_copies)
 
 
 CONVOLUTIONS = frozenset({aten.convolution.default, aten.convolution_backward.default})
@@ -332,7 +337,7 @@ def _channels_last_copies(
     return copies
 
 
-def returned_input_copies(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> dict[fx.Node, fx.Node]:
+def _returned_input_copies(nodes: Sequence[fx.Node], returned: Collection[fx.Node]) -> dict[fx.Node, fx.Node]:
     """Graph inputs that the graph returns as channels-last copies, each with the
     convolution where the copy is made. In a graph laid out channels-last
     (``lays_out_channels_last``) a convolution requires its input and weight
@@ -343,7 +348,6 @@ def returned_input_copies(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]
     plan measured above its prediction."""
     if not lays_out_channels_last(nodes):
         return {}
-    returned = set(outputs)
     found: dict[fx.Node, fx.Node] = {}
     for node in nodes:
         if node.target is not aten.convolution.default:

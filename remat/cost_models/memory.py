@@ -43,7 +43,7 @@ import torch.fx as fx
 
 from remat._torch_internals import is_primal, is_tangent, storage_key
 from remat.cost_models.fusion import (
-    Fusion, fuse, fused_workspace_bytes, read_positions, returned_input_copies, wrapper_allocates,
+    Fusion, fuse, fused_workspace_bytes, read_positions, wrapper_allocates,
 )
 from remat.cost_models.sizes import graph_device, leaves, storage_bytes, tensor_size, tensors_in
 from remat.cost_models.transfers import Window
@@ -170,8 +170,8 @@ def simulate_step(
         runs_at = _kernel_positions(fusion, {n: where[n] for n in nodes})
         read_at = read_positions(nodes, runs_at, fusion)
         copies.extend(_copies(fusion, runs_at))
-        if fused and index == 0:
-            for value, convolution in returned_input_copies(nodes, _outputs(graph)).items():
+        if index == 0:
+            for value, convolution in fusion.returned_copies.items():
                 at = runs_at[convolution]
                 for tensor in tensors_in(value.meta.get("val")):
                     returned_copies[storage_key(tensor)] = _Storage(f"copy of {value.name}", storage_bytes(tensor), at, at)
@@ -352,13 +352,12 @@ def simulate_order(
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
     intervals += _copies(fw_fusion, fw_at) + _copies(bw_fusion, bw_at)
-    if fused:
-        for value, convolution in returned_input_copies(order.forward, {*order.saved, *order.user_outputs}).items():
-            end = max(backward_start - 1, handed.get(value, 0))
-            intervals += [
-                Interval(f"copy of {value.name}", storage_bytes(t), fw_at[convolution], end)
-                for t in tensors_in(value.meta.get("val"))
-            ]
+    for value, convolution in fw_fusion.returned_copies.items():
+        end = max(backward_start - 1, handed.get(value, 0))
+        intervals += [
+            Interval(f"copy of {value.name}", storage_bytes(t), fw_at[convolution], end)
+            for t in tensors_in(value.meta.get("val"))
+        ]
     scratch_of = fused_workspace_bytes if fused else workspace_bytes
     for node, at in itertools.chain(fw_at.items(), bw_at.items()):
         if scratch := scratch_of(node):
@@ -371,7 +370,7 @@ def simulate_order(
     )
 
 
-_UNFUSED = Fusion(set(), {}, {}, {}, {}, {})
+_UNFUSED = Fusion(set(), {}, {}, {}, {}, {}, {})
 
 
 def _copies(fusion: Fusion, position: Mapping[fx.Node, int]) -> list[Interval]:

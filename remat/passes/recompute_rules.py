@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import checkpoint_policy, is_builtin_op, is_primal
+from remat._torch_internals import checkpoint_policy, is_builtin_op, is_op_overload, is_primal
 from remat.cost_models.fusion import is_reduction, reads_stored
 from remat.cost_models.sizes import value_bytes
 
@@ -42,7 +42,7 @@ HEAVY_OPS = frozenset(
 
 def is_view(node: fx.Node) -> bool:
     """Views cost nothing to recompute, so remat never saves one: it saves the base."""
-    return isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+    return is_op_overload(node.target) and node.target.is_view
 
 
 def ban_reason(node: fx.Node) -> str | None:
@@ -54,7 +54,7 @@ def ban_reason(node: fx.Node) -> str | None:
     if checkpoint_policy(node) == "must_save":
         return "tagged MUST_SAVE by a checkpoint policy"
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not is_op_overload(target):
         return None if target.__module__ == "_operator" else f"non-aten callable {target}"
     if target.namespace == "_c10d_functional":
         return "collective"
@@ -73,7 +73,7 @@ def draws_random_numbers(node: fx.Node) -> bool:
     draw nothing (they do not touch the generator), so recomputing them, as
     ``torch.utils.checkpoint`` does, replays the same values."""
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in target.tags:
+    if not is_op_overload(target) or torch.Tag.nondeterministic_seeded not in target.tags:
         return False
     names = [argument.name for argument in target._schema.arguments]
     if "dropout_p" not in names:
@@ -94,7 +94,7 @@ def is_heavy(node: fx.Node) -> bool:
     """Matmul, convolution and attention (and the parts of their tuple outputs):
     recomputing them costs the most time per byte."""
     node = source_op(node)
-    return isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket in HEAVY_OPS
+    return is_op_overload(node.target) and node.target.overloadpacket in HEAVY_OPS
 
 
 def reduction_reason(node: fx.Node) -> str | None:
