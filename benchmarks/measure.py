@@ -9,6 +9,12 @@ step. That threshold makes steps slower (page faults on fresh mappings), so the 
 is measured in a second fresh process without it. On CUDA the caching allocator's own
 counters are exact and are used instead.
 
+remat prices page faults by the process's allocator setting (``devices._with_process_settings``),
+so a peak worker that kept the variable would plan for a slower allocator than the time
+worker and could measure another plan (it did, on the U-Net at a budget where two plans'
+estimates lie 0.1% apart). glibc reads the variable once, at start: a peak worker drops
+it from ``os.environ`` before anything plans (``_prepare``), and both workers plan alike.
+
 The unit every strategy wraps (and torch.compile compiles) is the model together with its
 loss, ``WithLoss(case.model, case.loss_fn)``: the whole differentiable step, the
 cross-entropy over a large vocabulary included, is one graph.
@@ -530,6 +536,8 @@ class _Prepared:
 
 def _prepare(job: Job) -> _Prepared:
     """Build the model, wrap it, check its gradients against eager, warm up."""
+    if job.metric == "peak":
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)  # glibc has read it; plan as a time worker does
     if job.fallback_random:
         from torch._inductor import config as inductor_config
 

@@ -155,6 +155,11 @@ def checkpoint_policy(node: fx.Node) -> str | None:
     return None
 
 
+def mark_must_recompute(node: fx.Node) -> None:
+    """Tag ``node`` as a checkpoint policy's MUST_RECOMPUTE: never kept for the backward."""
+    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+
+
 # --- tags (remat.tag) -------------------------------------------------------------
 #
 # ``remat.tag(x, name)`` traces ``aten.alias(x)`` inside ``torch.fx.traceback.annotate``

@@ -31,6 +31,7 @@ from remat.cost_models.runtime import make_estimator
 from remat.cost_models.sizes import graph_device, human_bytes
 from remat.options import RematOptions, parse_budget
 from remat.offloading import OffloadChoice, choose_offloads, describe_offloads, offload_problem, offload_tags, pick_offloads
+from remat.passes.backward_copies import add_backward_copies, with_backward_copies
 from remat.passes.budget import (
     KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, Solution, lowest_plan, simulate_saved, solve_budget,
 )
@@ -38,7 +39,7 @@ from remat.passes.offload import OffloadOutcome, OffloadProblem
 from remat.passes.remat import solve_keep_only
 from remat.passes.recompute_rules import source_op
 from remat.passes.schedule import complete_saved_set
-from remat.passes.segments import find_segments
+from remat.passes.segments import Segment, find_segments
 from remat.tags import tagged_values
 
 AUTO_MARGIN = 0.9
@@ -185,38 +186,52 @@ def _garbage_collection_paused() -> Iterator[None]:
 def _choose_budgeted(
     graph: fx.Graph, info: JointInfo, num_fwd_outputs: int, options: RematOptions, graph_name: str
 ) -> BudgetedChoice:
+    """The fastest plan under the budget; under Inductor, of the graph as it is and of
+    the graph whose backward reads its own copies of skip connections
+    (``passes.backward_copies``), which ``graph`` then takes on."""
     started = time.perf_counter()
     device = graph_device(graph)
     estimator = make_estimator(options.time_estimator, device)
-    never = _NeverRecompute(options, graph)
-    matched = never.matched
     segments = find_segments(graph, info)
     modes, starts = _policy_groups(options, len(segments))
-    problem = BudgetProblem(
-        graph, info, num_fwd_outputs, estimator,
-        modes=modes, never_recompute=never, group_starts=starts, segments=segments, fused=fused_model(options),
-    )
-    _warn_unmatched(options, matched, graph_name)
+
+    def problem_for(joint: fx.Graph, joint_info: JointInfo, chain: list[Segment], never: _NeverRecompute) -> BudgetProblem:
+        return BudgetProblem(
+            joint, joint_info, num_fwd_outputs, estimator,
+            modes=modes, never_recompute=never, group_starts=starts, segments=chain, fused=fused_model(options),
+        )
+
+    never = _NeverRecompute(options, graph)
+    problem = problem_for(graph, info, segments, never)
+    _warn_unmatched(options, never.matched, graph_name)
     budget = resolve_budget(options, problem.resident, lambda: _save_everything_peak(problem), device)
-    offload: OffloadChoice | None = None
-    try:
-        solution, offload, peak = _solve(problem, budget, options)
-    except InfeasibleBudget as error:
+    outcome = _outcome(problem, budget, options)
+    variant = with_backward_copies(graph, info) if problem.fused else None
+    if variant is not None:
+        twin, twin_info = variant
+        copied = _outcome(problem_for(twin, twin_info, find_segments(twin, twin_info), _NeverRecompute(options, twin)), budget, options)
+        if copied.better_than(outcome):
+            add_backward_copies(graph, info)
+            outcome = copied
+    solution, offload, peak = outcome.solution, outcome.offload, outcome.peak
+    if outcome.infeasible is not None:
         if options.on_infeasible == "raise":
-            raise
-        warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=3)
-        solution = error.lowest
-        offload = choose_offloads(graph, solution.saved, num_fwd_outputs, options, fused_model(options))
+            raise outcome.infeasible
+        warnings.warn(
+            f"{outcome.infeasible}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=3
+        )
+        offload = choose_offloads(outcome.problem.graph, solution.saved, num_fwd_outputs, options, fused_model(options))
         peak = offload.peak_bytes if offload is not None else solution.peak
     reasons = {}
     for group in solution.groups:
         label = _group_label(group)
-        for node in problem.group_saved(group):
+        for node in outcome.problem.group_saved(group):
             reasons.setdefault(node.name, f"segment plan: {label}")
-    for node, why in problem.banned.items():
+    for node, why in outcome.problem.banned.items():
         reasons[node.name] = f"cannot be recomputed: {why}"
+    by_name = {node.name: node for node in graph.nodes}
     return BudgetedChoice(
-        saved=solution.saved,
+        saved=[by_name[node.name] for node in solution.saved],
         reasons=reasons,
         budget_bytes=budget,
         predicted_peak_bytes=peak,
@@ -224,6 +239,38 @@ def _choose_budgeted(
         solve_seconds=time.perf_counter() - started,
         offload=offload,
     )
+
+
+@dataclass
+class _Outcome:
+    """A problem solved under a budget: the plan, what it offloads and its simulated
+    peak; where no plan meets the budget, the lowest plan and the error that says so."""
+
+    problem: BudgetProblem
+    solution: Solution
+    offload: OffloadChoice | None
+    peak: int
+    infeasible: InfeasibleBudget | None = None
+
+    def better_than(self, other: _Outcome) -> bool:
+        """Meeting the budget first, then the least estimated time (exposed transfers
+        included); of two plans that miss it, the lower."""
+        if (self.infeasible is None) != (other.infeasible is None):
+            return self.infeasible is None
+        if self.infeasible is not None:
+            return self.peak < other.peak
+        return self.seconds < other.seconds
+
+    @property
+    def seconds(self) -> float:
+        return self.solution.seconds + (self.offload.exposed_s if self.offload is not None else 0.0)
+
+
+def _outcome(problem: BudgetProblem, budget: int | None, options: RematOptions) -> _Outcome:
+    try:
+        return _Outcome(problem, *_solve(problem, budget, options))
+    except InfeasibleBudget as error:
+        return _Outcome(problem, error.lowest, None, error.lowest.peak, error)
 
 
 class _NeverRecompute:

@@ -156,6 +156,48 @@ def test_fused_a_kernel_runs_after_what_its_later_part_needs() -> None:
     assert simulate_step(graph).live_bytes[fused.positions.index("forward:mm")] == 5 * MIB
 
 
+def test_fused_independent_kernels_far_apart_stay_apart() -> None:
+    """Two kernels that read the same value but not each other's results fuse only
+    when few scheduled nodes lie between them (``Scheduler.are_long_distant_nodes``):
+    a value the backward makes twice, for readers far apart, stays two kernels, each
+    made where its reader needs it."""
+
+    def f(x: torch.Tensor, w: torch.Tensor, gap: int) -> tuple[torch.Tensor, ...]:
+        a = (x * 2).relu()  # stored: a matmul reads it
+        h = a @ w
+        for _ in range(gap):  # matmuls that neither kernel reads
+            h = h @ w
+        b = (x * 3).relu()  # reads x like a's kernel
+        return h, b @ w
+
+    def b_runs_with_a(gap: int) -> bool:
+        graph = _fake_graph(lambda x, w: f(x, w, gap), torch.randn(256, 256), torch.randn(256, 256))
+        relu, relu_1 = (next(n for n in graph.nodes if n.name == name) for name in ("relu", "relu_1"))
+        return _fusion(graph).runs_with.get(relu_1) is relu
+
+    assert b_runs_with_a(4)
+    assert not b_runs_with_a(70)
+
+
+def test_fused_a_value_only_a_concatenation_reads_is_written_into_it() -> None:
+    """On the CPU Inductor's cat computes an input whose layout is still free straight
+    into its slice of the result: the input takes no buffer of its own (the U-Net's
+    recomputed skip connection, written into the decoder's concatenation)."""
+
+    def f(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor]:
+        a = torch.sigmoid(x)  # stored (sigmoid is not repeated on the CPU): the cat has more elements
+        both = torch.cat([a, y], 1)  # read by a matmul: stored
+        return ((both @ w).sum(),)
+
+    graph = _fake_graph(f, torch.randn(256, 1024), torch.randn(256, 1024), torch.randn(2048, 8))
+    fusion = _fusion(graph)
+    assert {a.name: cat.name for a, cat in fusion.into_cat.items()} == {"sigmoid": "cat"}
+    fused = simulate_step(graph, fused=True)
+    assert fused.peak_bytes < 2 * MIB + 64 * 1024  # the cat's 2 MiB and the matmul's small result
+    assert _interval(fused, "cat").start == fused.positions.index("forward:sigmoid")
+    assert simulate_step(graph).peak_bytes >= 3 * MIB  # op by op the sigmoid has its own
+
+
 def test_fused_reductions_over_different_ranges_stay_apart() -> None:
     """Sums over rows and over columns of one value loop over the same elements, but
     Inductor fuses reductions only with equal ranges (a LayerNorm backward's row sums

@@ -20,6 +20,8 @@ from remat.cost_models.devices import DeviceProfile
 from remat.cost_models.memory import simulate_order, simulate_step
 from remat.cost_models.runtime import make_estimator
 from remat.options import RematOptions, parse_budget
+from remat._torch_internals import checkpoint_policy
+from remat.passes.backward_copies import find_backward_copies, with_backward_copies
 from remat.passes.budget import BudgetProblem, Group, lowest_plan, model_seconds, solve_dp, solve_ilp
 from remat.passes.schedule import complete_saved_set, step_order
 from remat.passes.segments import find_segments
@@ -172,6 +174,62 @@ def test_the_lowest_plan_is_no_higher_than_any_plan_simulated(captured: dict[str
     everything_kept = problem.simulate([Group(i, i, "save") for i in range(len(problem.segments))])
     lowest = lowest_plan(problem)
     assert lowest.peak == min(s.peak for s in problem.simulated()) <= everything_kept.peak
+
+
+def test_the_backward_reads_copies_of_skip_connections_that_compute_the_same(captured: dict[str, Any]) -> None:
+    """The U-Net's skip connections (SiLU of GroupNorm, read by the decoder and by the
+    encoder's backward) get a copy for the backward; the graph with the copies returns
+    the very same values as the graph without them, the original graph is untouched,
+    and the GPT (no value read by a later layer and the backward) gets none."""
+    found = plan_case("unet", captured)
+    graph, info = found["graph"], found["info"]
+    before = [(n.name, tuple(u.name for u in n.users)) for n in graph.nodes]
+    copies = find_backward_copies(graph, info, find_segments(graph, info))
+    assert copies and all(len(c.chain) > 1 for c in copies)
+    twin, twin_info = with_backward_copies(graph, info)
+    assert [(n.name, tuple(u.name for u in n.users)) for n in graph.nodes] == before
+    chains = {node.name for c in copies for node in c.chain}
+    made = [n for n in twin.nodes if n.name not in {name for name, _ in before}]
+    assert len(made) == sum(len(c.chain) for c in copies)
+    assert all(checkpoint_policy(n) == "must_recompute" for n in made)
+    for node in twin.nodes:  # the backward reads the copies only
+        if node.name in chains:
+            assert all(u in twin_info.required_fw for u in node.users), node.name
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(p.meta["val"].shape, generator=generator, dtype=p.meta["val"].dtype)
+        for p in graph.find_nodes(op="placeholder")
+    ]
+    expected = torch.fx.GraphModule(torch.nn.Module(), graph)(*inputs)
+    got = torch.fx.GraphModule(torch.nn.Module(), twin)(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True) if isinstance(a, torch.Tensor))
+    captured.clear()
+    gpt = plan_case("gpt", captured)
+    assert with_backward_copies(gpt["graph"], gpt["info"]) is None
+
+
+def test_backward_copies_lower_a_plan_that_recomputes_the_decoder(captured: dict[str, Any]) -> None:
+    """Recomputing the decoder's concatenations recomputes the skip values; without
+    copies each one then lives until the encoder's backward reads it. The copies are
+    never kept: keeping everything keeps no value twice."""
+    found = plan_case("unet", captured)
+    twin, twin_info = with_backward_copies(found["graph"], found["info"])
+    estimator = make_estimator("roofline", "cpu")
+    plain = BudgetProblem(found["graph"], found["info"], found["n"], estimator, fused=True)
+    copied = BudgetProblem(twin, twin_info, found["n"], estimator, fused=True)
+
+    def uniform(problem: BudgetProblem, mode: str) -> Any:
+        return problem.simulate([Group(i, i, mode) for i in range(len(problem.segments))])
+
+    assert uniform(copied, "mincut").peak < uniform(plain, "mincut").peak
+    assert not any(checkpoint_policy(n) == "must_recompute" for n in uniform(copied, "save").saved)
+    # with a budget that only the copies meet, remat.plan takes them on
+    budget = (uniform(copied, "mincut").peak + uniform(plain, "mincut").peak) // 2
+    captured.clear()
+    case = make_unet()
+    plan = remat.plan(WithLoss(case.model, case.loss_fn), *case.inputs, memory_budget=budget, on_plan_failure="raise")
+    assert plan_peak(plan) <= budget
+    assert any(checkpoint_policy(n) == "must_recompute" for n in captured["bw"].graph.nodes)
 
 
 def test_dynamic_program_answers_a_tiny_budget_at_once(captured: dict[str, Any]) -> None:

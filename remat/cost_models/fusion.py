@@ -231,6 +231,8 @@ class Fusion:
         graph it now runs just before.
     returned_copies: for a graph input that the graph returns as a channels-last copy
         (``_returned_input_copies``), the convolution where the copy is made.
+    into_cat: for a stored value that its kernel writes straight into its slice of a
+        concatenation (``_written_into_cat``), that cat: it has no buffer of its own.
     """
 
     inlined: set[fx.Node]
@@ -240,6 +242,7 @@ class Fusion:
     loads: dict[fx.Node, frozenset[fx.Node]]
     pulled: dict[fx.Node, fx.Node]
     returned_copies: dict[fx.Node, fx.Node]
+    into_cat: dict[fx.Node, fx.Node]
 
 
 def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
@@ -267,7 +270,7 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
         else:
             kernels[node] = expression
     index = {node: i for i, node in enumerate(nodes)}
-    leader, pulled = _group_kernels(kernels, index)
+    leader, pulled = _group_kernels(kernels, index, _scheduled(nodes, inlined))
     on_cpu = _on_cpu(nodes)
     called = _calls(nodes, kernels, inlined, leader) if on_cpu else leader
     readers: dict[fx.Node, list[fx.Node]] = {}
@@ -285,7 +288,33 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
         for node, expression in kernels.items()
     }
     in_place = _in_place(kernels, readers, leader, index)
-    return Fusion(inlined, runs_with, in_place, copies, loads, pulled, returned_copies)
+    into_cat = _written_into_cat(nodes, kernels, inlined, members, returned) if on_cpu else {}
+    return Fusion(inlined, runs_with, in_place, copies, loads, pulled, returned_copies, into_cat)
+
+
+def _written_into_cat(
+    nodes: Sequence[fx.Node],
+    kernels: Collection[fx.Node],
+    inlined: Collection[fx.Node],
+    members: set[fx.Node],
+    returned: set[fx.Node],
+) -> dict[fx.Node, fx.Node]:
+    """On the CPU, Inductor lowers every cat as a ``ConcatKernel``, which computes an
+    input whose layout is still free (a generated kernel's value that nothing else
+    reads) straight into its slice of the result (``can_realize_into_without_copy``):
+    the U-Net's recomputed skip connection is written into the decoder's
+    concatenation, not into a buffer of its own."""
+    found = {}
+    for node in nodes:
+        if _packet(node) is not aten.cat or node not in kernels or node in inlined:
+            continue
+        for arg in node.args[0]:
+            if (
+                isinstance(arg, fx.Node) and arg in kernels and arg not in inlined and arg not in returned
+                and [u for u in arg.users if u in members] == [node]
+            ):
+                found[arg] = node
+    return found
 
 
 CONVOLUTIONS = frozenset({aten.convolution.default, aten.convolution_backward.default})
@@ -475,11 +504,12 @@ def _kernel_local(
 
 
 MAX_FUSION_SIZE = 64  # config.max_fusion_size: nodes in one fused kernel
+FUSION_DISTANCE = 64  # Scheduler.are_long_distant_nodes: farthest apart two independent groups fuse
 PAIRWISE_ATTEMPTS = 64  # config.max_fusion_buffer_group_pairwise_attempts
 
 
 def _group_kernels(
-    kernels: Mapping[fx.Node, _Expression], index: Mapping[fx.Node, int]
+    kernels: Mapping[fx.Node, _Expression], index: Mapping[fx.Node, int], scheduled: Sequence[fx.Node]
 ) -> tuple[dict[fx.Node, fx.Node], dict[fx.Node, fx.Node]]:
     """Which kernels Inductor fuses into one (``Scheduler.fuse_nodes``), each mapped
     to the first node of its group, where the fused kernel runs (a fused node takes
@@ -487,9 +517,12 @@ def _group_kernels(
     the same size that touch a common stored value (one reads what the other makes,
     or both read it) fuse, best first (both reductions or neither, then the most
     bytes shared, then the closest), unless the fused kernel would exceed
-    ``MAX_FUSION_SIZE`` nodes, depend on itself (a cycle) or hold reductions over
+    ``MAX_FUSION_SIZE`` nodes, depend on itself (a cycle), hold reductions over
     different ranges (``CppScheduling``: a LayerNorm backward's sums over each row
-    and its weight gradient's sums over the rows are two kernels).
+    and its weight gradient's sums over the rows are two kernels), or join two
+    groups that do not depend on each other and lie more than ``FUSION_DISTANCE``
+    apart among the ``scheduled`` nodes (``Scheduler.are_long_distant_nodes``: a
+    value recomputed twice in the backward, for readers far apart, stays two kernels).
 
     What a fused kernel needs from after its place runs just before it, with what
     that needs in turn (``Scheduler.topological_sort_schedule`` after each round of
@@ -521,7 +554,7 @@ def _group_kernels(
         ranked.append((same_kind, score, -abs(index[a] - index[b]), index[a], index[b], a, b))
     ranked.sort(key=lambda r: r[:5], reverse=True)
 
-    schedule = _Schedule(kernels, needs, index)
+    schedule = _Schedule(kernels, needs, index, scheduled)
     for *_, a, b in ranked:
         first, second = sorted((schedule.leader[a], schedule.leader[b]), key=schedule.place.__getitem__)
         if first is second or len(schedule.members[first]) + len(schedule.members[second]) > MAX_FUSION_SIZE:
@@ -530,15 +563,52 @@ def _group_kernels(
     return schedule.leader, schedule.pulled()
 
 
+def _scheduled(nodes: Sequence[fx.Node], inlined: Collection[fx.Node]) -> list[fx.Node]:
+    """The nodes Inductor's scheduler orders before fusing: every op that makes a
+    buffer (a generated or an extern kernel), not the values inlined into their
+    readers or views."""
+    return [
+        node for node in nodes
+        if node.op == "call_function" and node not in inlined and not _is_alias(node)
+    ]
+
+
+def _ancestor_bits(index: Mapping[fx.Node, int], order: Mapping[fx.Node, int]) -> dict[fx.Node, int]:
+    """For each node of the graph (``index``), the scheduled nodes (``order``) it
+    depends on, through any chain of reads, as a bit set."""
+    ancestors: dict[fx.Node, int] = {}
+    for node in sorted(index, key=index.__getitem__):
+        bits = 0
+        for arg in node.all_input_nodes:
+            bits |= ancestors.get(arg, 0)
+            if arg in order:
+                bits |= 1 << order[arg]
+        ancestors[node] = bits
+    return ancestors
+
+
 class _Schedule:
     """The kernels' order while ``_group_kernels`` fuses them: each group of kernels
     named by its first node, and where each node runs (a place; a kernel runs at its
     group's)."""
 
-    def __init__(self, kernels: Mapping[fx.Node, object], needs: Mapping[fx.Node, set[fx.Node]], index: Mapping[fx.Node, int]) -> None:
+    def __init__(
+        self,
+        kernels: Mapping[fx.Node, object],
+        needs: Mapping[fx.Node, set[fx.Node]],
+        index: Mapping[fx.Node, int],
+        scheduled: Sequence[fx.Node],
+    ) -> None:
         self.needs = needs
         self.leader = {node: node for node in kernels}
         self.members = {node: {node} for node in kernels}
+        # Inductor's min_order and max_order, and the ancestors of each group and its
+        # own nodes as bit sets over the scheduled nodes
+        order = {node: i for i, node in enumerate(scheduled)}
+        ancestors = _ancestor_bits(index, order)
+        self.span = {node: (order[node], order[node]) for node in kernels}
+        self.bits = {node: 1 << order[node] for node in kernels}
+        self.ancestors = {node: ancestors[node] for node in kernels}
         self.outside = {node: set(needs[node]) for node in kernels}  # what each group needs from elsewhere
         self.reduction = {node: _reduction_ranges(node) for node in kernels}  # a group's, None without one
         self.index = index
@@ -553,7 +623,7 @@ class _Schedule:
         what it needs ahead, unless their reductions run over different ranges or the
         fused kernel would need its own result (a cycle)."""
         reductions = {self.reduction[first], self.reduction[second]} - {None}
-        if len(reductions) > 1:
+        if len(reductions) > 1 or self._far_apart(first, second):
             return
         fused = self.members[first] | self.members[second]
         wanted = (self.outside[first] | self.outside[second]) - fused
@@ -567,8 +637,20 @@ class _Schedule:
             self.leader[node] = first
         self.members[first] = fused
         del self.members[second]
+        (low, high), (low2, high2) = self.span[first], self.span.pop(second)
+        self.span[first] = (min(low, low2), max(high, high2))
+        self.bits[first] |= self.bits.pop(second)
+        self.ancestors[first] |= self.ancestors.pop(second)
         self.outside[first] = wanted
         del self.outside[second]
+
+    def _far_apart(self, first: fx.Node, second: fx.Node) -> bool:
+        """Inductor fuses two groups of which neither depends on the other (a
+        horizontal fusion) only when their scheduled nodes lie close together."""
+        if self.ancestors[first] & self.bits[second] or self.ancestors[second] & self.bits[first]:
+            return False
+        (low, high), (low2, high2) = self.span[first], self.span[second]
+        return max(abs(low - high2), abs(low2 - high)) > FUSION_DISTANCE
 
     def _needed_after(self, wanted: set[fx.Node], at: float, fused: set[fx.Node]) -> set[fx.Node] | None:
         """The nodes at or after ``at`` that ``wanted`` come from (whole groups), or

@@ -212,6 +212,7 @@ def simulate_step(
     _keep_forward_outputs_to_end(forward, backward, storages, last, num_user_outputs)
     if fused:
         for (fusion, runs_at, storage_of), (first, final) in zip(fusions, spans):
+            _share_cat_buffers(fusion, storage_of)
             consumed = _write_in_place(fusion, runs_at, storage_of)
             if buffer_pool:
                 _reuse_freed_buffers(storages.values(), first, final, consumed)
@@ -347,8 +348,9 @@ def simulate_order(
             ref = _only_storage(node)
             return None if node in tangents else storages.get((0, ref) if phase == 0 or ref in handed_over else (1, ref))
 
-        _write_in_place(fw_fusion, fw_at, lambda node: storage_of(node, 0))
-        _write_in_place(bw_fusion, bw_at, lambda node: storage_of(node, 1))
+        for fusion, at, phase in ((fw_fusion, fw_at, 0), (bw_fusion, bw_at, 1)):
+            _share_cat_buffers(fusion, lambda node, phase=phase: storage_of(node, phase))
+            _write_in_place(fusion, at, lambda node, phase=phase: storage_of(node, phase))
 
     intervals = [Interval(s.label, s.nbytes, s.start, s.end) for s in storages.values()]
     intervals += _copies(fw_fusion, fw_at) + _copies(bw_fusion, bw_at)
@@ -370,7 +372,7 @@ def simulate_order(
     )
 
 
-_UNFUSED = Fusion(set(), {}, {}, {}, {}, {}, {})
+_UNFUSED = Fusion(set(), {}, {}, {}, {}, {}, {}, {})
 
 
 def _copies(fusion: Fusion, position: Mapping[fx.Node, int]) -> list[Interval]:
@@ -395,6 +397,18 @@ def _kernel_positions(fusion: Fusion, position: dict[fx.Node, int]) -> dict[fx.N
 def _only_storage(node: fx.Node) -> int | None:
     tensors = tensors_in(node.meta.get("val"))
     return storage_key(tensors[0]) if len(tensors) == 1 else None
+
+
+def _share_cat_buffers(fusion: Fusion, storage_of: Callable[[fx.Node], _Storage | None]) -> None:
+    """A value written straight into its slice of a concatenation (``Fusion.into_cat``)
+    takes no bytes of its own: the concatenation's buffer is allocated where the first
+    such value is made."""
+    for value, cat in fusion.into_cat.items():
+        part, whole = storage_of(value), storage_of(cat)
+        if part is None or whole is None:
+            continue
+        whole.start = min(whole.start, part.start)
+        part.nbytes, part.kind = 0, None
 
 
 def _write_in_place(
