@@ -31,6 +31,7 @@ from remat.passes.recompute_rules import ban_reason, is_view
 from remat.passes.segments import Segment, find_segments
 
 MAX_CHAIN = 24  # ops in one copied chain: GroupNorm's affine and SiLU take 18
+SMALLEST_SHARE = 16  # a value worth a copy has at least 1/16 of the bytes of the forward's largest
 STATISTIC_RATIO = 8  # a value read by the backward, this many times smaller, is a statistic to read, not to copy
 
 
@@ -72,15 +73,18 @@ def find_backward_copies(graph: fx.Graph, info: JointInfo, segments: list[Segmen
     """The forward values worth a copy for the backward: pointwise values that a later
     segment's forward and the backward both read, made by a chain of at most
     ``MAX_CHAIN`` pointwise ops from values the backward reads at or after its first
-    reader of the chain (or from parameters and inputs)."""
+    reader of the chain (or from parameters and inputs). Values under
+    1/``SMALLEST_SHARE`` of the forward's largest (a causal mask's ``arange``) are not
+    worth a kernel, nor a solve of the graph with them."""
     order = {node: i for i, node in enumerate(graph.nodes)}
+    largest = max((_bytes(node) for node in info.required_fw), default=0)
     segment_of = {node: s.index for s in segments for node in s.nodes}
     copied: set[fx.Node] = set()
     found = []
     for value in graph.nodes:
         if value in copied or is_view(value) or not _copyable(value, info):
             continue
-        if not isinstance(value.meta.get("val"), torch.Tensor):
+        if not isinstance(value.meta.get("val"), torch.Tensor) or _bytes(value) * SMALLEST_SHARE < largest:
             continue
         own = segment_of.get(value)
         read_later = any(u in info.required_fw and segment_of.get(u, -1) > own for u in value.users) if own is not None else False
