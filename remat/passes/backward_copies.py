@@ -87,9 +87,10 @@ def find_backward_copies(graph: fx.Graph, info: JointInfo, segments: list[Segmen
         if not isinstance(value.meta.get("val"), torch.Tensor) or _bytes(value) * SMALLEST_SHARE < largest:
             continue
         own = segment_of.get(value)
-        read_later = any(u in info.required_fw and segment_of.get(u, -1) > own for u in value.users) if own is not None else False
-        if not read_later or not _backward_readers(value, info):
+        if own is None or not _backward_readers(value, info):
             continue
+        if not any(u in info.required_fw and segment_of.get(u, -1) > own for u in value.users):
+            continue  # no later segment reads it: the backward reads it close by
         chain = _chain(value, info, order)
         if chain is None or copied & set(chain):
             continue
@@ -105,21 +106,21 @@ def insert_backward_copies(graph: fx.Graph, copies: list[BackwardCopy], info: Jo
     own (new storage: simulators tell storages apart by their fake tensors) and is
     marked must-recompute: keeping it would keep the same bytes twice."""
     made: set[fx.Node] = set()
-    for copy in copies:
-        mapping: dict[fx.Node, fx.Node] = {}
-        with graph.inserting_before(copy.before):
-            for node in copy.chain:
-                twin = graph.node_copy(node, lambda arg: mapping.get(arg, arg))
-                args, kwargs = fx.node.map_arg((twin.args, twin.kwargs), lambda arg: arg.meta["val"])
+    for found in copies:
+        duplicates: dict[fx.Node, fx.Node] = {}
+        with graph.inserting_before(found.before):
+            for node in found.chain:
+                duplicate = graph.node_copy(node, lambda arg: duplicates.get(arg, arg))
+                args, kwargs = fx.node.map_arg((duplicate.args, duplicate.kwargs), lambda arg: arg.meta["val"])
                 with node.meta["val"].fake_mode:
-                    twin.meta["val"] = twin.target(*args, **kwargs)
-                mark_must_recompute(twin)
-                mapping[node] = twin
-        for node, twin in mapping.items():
+                    duplicate.meta["val"] = duplicate.target(*args, **kwargs)
+                mark_must_recompute(duplicate)
+                duplicates[node] = duplicate
+        made.update(duplicates.values())
+        for node, duplicate in duplicates.items():
             for reader in _backward_readers(node, info):
-                if reader not in made and reader not in mapping.values():
-                    reader.replace_input_with(node, twin)
-        made.update(mapping.values())
+                if reader not in made:
+                    reader.replace_input_with(node, duplicate)
     return made
 
 
