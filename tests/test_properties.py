@@ -47,7 +47,10 @@ of the same decomposed joint graph, ``backend="aot_eager_decomp_partition"``, to
 within ``PARTITION_TOL`` = 8 float32 epsilons of max|value| (measured: bit-identical
 in 600 examples, bf16 included). Recomputing replays the same ops on the same values,
 so any difference there is remat's, not the decompositions'; this is the sharp check
-where the bf16 tolerance against eager is wide.
+where the bf16 tolerance against eager is wide. Against eager, the bound also allows
+as much as PyTorch's partition itself lies from eager, which is the decompositions'
+rounding: once, a GroupNorm over a single group of 78 values gave a weight gradient
+4.5e-6 from eager's under remat, 12x eager's own distance from float64.
 
 Dynamo state is reset at the start of every example (conftest resets only per test
 function): otherwise Dynamo's recompile limit would be reached after a few examples and
@@ -130,8 +133,9 @@ def assert_close(
     scale: float,
     noise: float,
     what: str,
+    allowance: float = 0.0,
 ) -> None:
-    """``max|compiled - eager| <= tol * max(max|eager|, scale) + noise * max|eager - exact|``."""
+    """``max|compiled - eager| <= tol * max(max|eager|, scale) + noise * max|eager - exact| + allowance``."""
     assert compiled is not None and eager is not None, (
         f"{what}: missing (compiled {compiled is not None}, eager {eager is not None})"
     )
@@ -146,11 +150,11 @@ def assert_close(
     scale = max(eager.abs().max().item(), scale)
     rounding = 0.0 if exact is None else (eager - exact.double()).abs().max().item()
     error = (compiled - eager).abs()
-    bound = tol * scale + noise * rounding
+    bound = tol * scale + noise * rounding + allowance
     worst = error.argmax()
     assert error.max().item() <= bound, (
         f"{what}: max |compiled - reference| = {error.max().item():.3g} > {bound:.3g} = "
-        f"{tol:.3g} * {scale:.3g} (scale) + {noise} * {rounding:.3g} (max |reference - float64|); "
+        f"{tol:.3g} * {scale:.3g} (scale) + {noise} * {rounding:.3g} (max |reference - float64|) + {allowance:.3g}; "
         f"at flat index {worst.item()}: compiled {compiled.flatten()[worst].item():.9g}, "
         f"reference {eager.flatten()[worst].item():.9g}"
         + ("" if exact is None else f", float64 {exact.flatten()[worst].item():.9g}")
@@ -263,9 +267,15 @@ def check_equal_to_eager(spec: ModelSpec, options: dict[str, Any]) -> None:
     # error is judged on their scale (float32: about one ulp of the largest gradient).
     scale = largest_gradient if spec.dtype == "bfloat16-autocast" else largest_gradient * 1e-2
     for name in eager:
+        # The eager inner compiler runs the decomposed graph, as PyTorch's own partition
+        # does (compared with remat's just below, tightly): how far that one lies from
+        # eager is the decompositions' rounding, not remat's.
+        decomposition = 0.0
+        if options["inner_compiler"] == "eager" and eager[name].is_floating_point() and pytorch[name] is not None:
+            decomposition = (pytorch[name].double() - eager[name].double()).abs().max().item()
         assert_close(
             got[name], eager[name], exact[name], tol=tol, scale=scale if name.startswith("grad") else 0.0,
-            noise=NOISE, what=f"{name} vs eager",
+            noise=NOISE, what=f"{name} vs eager", allowance=decomposition,
         )
     if options["inner_compiler"] == "eager":
         for name in eager:

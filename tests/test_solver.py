@@ -232,6 +232,27 @@ def test_backward_copies_lower_a_plan_that_recomputes_the_decoder(captured: dict
     assert any(checkpoint_policy(n) == "must_recompute" for n in captured["bw"].graph.nodes)
 
 
+def test_an_infeasible_budget_reports_the_lowest_peak_of_either_graph(captured: dict[str, Any]) -> None:
+    """With backward copies in play (the U-Net), a budget no plan meets still raises
+    the error that names the lowest peak, the lower of the two graphs' lowest plans,
+    and on_infeasible='closest' trains with a plan at that peak."""
+    found = plan_case("unet", captured)
+    estimator = make_estimator("roofline", "cpu")
+    twin, twin_info = with_backward_copies(found["graph"], found["info"])
+    lowest = min(
+        lowest_plan(BudgetProblem(graph, info, found["n"], estimator, fused=True)).peak
+        for graph, info in ((found["graph"], found["info"]), (twin, twin_info))
+    )
+    case = make_unet()
+    model = WithLoss(case.model, case.loss_fn)
+    with pytest.raises(Exception, match=r"cannot be met: the lowest simulated peak .* is ([0-9.]+) KiB") as raised:
+        remat.plan(model, *case.inputs, memory_budget="1KiB", on_plan_failure="raise")
+    assert f"{lowest / 1024:.2f} KiB" in str(raised.value)
+    with pytest.warns(RematBudgetWarning, match="on_infeasible='closest'"):
+        plan = remat.plan(model, *case.inputs, memory_budget="1KiB", on_infeasible="closest")
+    assert plan_peak(plan) <= lowest
+
+
 def test_dynamic_program_answers_a_tiny_budget_at_once(captured: dict[str, Any]) -> None:
     """Its table grows with kept bytes over the budget: a budget of one byte must say
     "nothing fits" without allocating a table for it."""
