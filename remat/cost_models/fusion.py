@@ -647,10 +647,10 @@ class _Schedule:
     def _far_apart(self, first: fx.Node, second: fx.Node) -> bool:
         """Inductor fuses two groups of which neither depends on the other (a
         horizontal fusion) only when their scheduled nodes lie close together."""
-        if self.ancestors[first] & self.bits[second] or self.ancestors[second] & self.bits[first]:
-            return False
         (low, high), (low2, high2) = self.span[first], self.span[second]
-        return max(abs(low - high2), abs(low2 - high)) > FUSION_DISTANCE
+        if max(abs(low - high2), abs(low2 - high)) <= FUSION_DISTANCE:
+            return False
+        return not (self.ancestors[first] & self.bits[second] or self.ancestors[second] & self.bits[first])
 
     def _needed_after(self, wanted: set[fx.Node], at: float, fused: set[fx.Node]) -> set[fx.Node] | None:
         """The nodes at or after ``at`` that ``wanted`` come from (whole groups), or
