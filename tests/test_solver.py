@@ -208,10 +208,13 @@ def test_the_backward_reads_copies_of_skip_connections_that_compute_the_same(cap
     assert with_backward_copies(gpt["graph"], gpt["info"]) is None
 
 
-def test_backward_copies_lower_a_plan_that_recomputes_the_decoder(captured: dict[str, Any]) -> None:
+def test_backward_copies_lower_a_plan_that_recomputes_the_decoder(
+    captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Recomputing the decoder's concatenations recomputes the skip values; without
     copies each one then lives until the encoder's backward reads it. The copies are
-    never kept: keeping everything keeps no value twice."""
+    never kept: keeping everything keeps no value twice. Where the plan takes them on,
+    the solver's timeline of it is the very timeline of the graphs PyTorch extracts."""
     found = plan_case("unet", captured)
     twin, twin_info = with_backward_copies(found["graph"], found["info"])
     estimator = make_estimator("roofline", "cpu")
@@ -226,10 +229,22 @@ def test_backward_copies_lower_a_plan_that_recomputes_the_decoder(captured: dict
     # with a budget that only the copies meet, remat.plan takes them on
     budget = (uniform(copied, "mincut").peak + uniform(plain, "mincut").peak) // 2
     captured.clear()
+    choose = partition.choose_saved
+
+    def spy_choose(graph: Any, *args: Any) -> Any:
+        choice = choose(graph, *args)
+        captured.update(joint=graph, chosen=choice.saved)
+        return choice
+
+    monkeypatch.setattr(partition, "choose_saved", spy_choose)
     case = make_unet()
     plan = remat.plan(WithLoss(case.model, case.loss_fn), *case.inputs, memory_budget=budget, on_plan_failure="raise")
     assert plan_peak(plan) <= budget
     assert any(checkpoint_policy(n) == "must_recompute" for n in captured["bw"].graph.nodes)
+    real = simulate_step(captured["fw"].graph, captured["bw"].graph, num_user_outputs=captured["n"], fused=True)
+    modelled = simulate_order(step_order(captured["joint"], captured["chosen"], captured["n"]), fused=True)
+    assert modelled.positions == real.positions
+    assert modelled.live_bytes == real.live_bytes
 
 
 def test_an_infeasible_budget_reports_the_lowest_peak_of_either_graph(captured: dict[str, Any]) -> None:

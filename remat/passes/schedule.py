@@ -20,6 +20,7 @@ one of the graphs PyTorch extracts.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -127,7 +128,27 @@ def step_order(joint: fx.Graph, saved: Sequence[fx.Node], num_fwd_outputs: int) 
     forward = [n for n in nodes if n in forward_needed and n.op == "call_function"]
     extracted = [n for n in nodes if n in backward_needed and n.op == "call_function" and n not in inputs]
     backward = _just_in_time(extracted, gradients, order)
-    return StepOrder(forward, backward, list(saved), user_outputs, gradients)
+    return StepOrder(_raise_getitems(forward), _raise_getitems(backward), list(saved), user_outputs, gradients)
+
+
+def _raise_getitems(nodes: list[fx.Node]) -> list[fx.Node]:
+    """Each getitem right after the op whose tuple it reads, in their order (the
+    partitioner's ``raise_getitems``, on both graphs): a backward that recomputes a
+    GroupNorm's statistics reads the mean later than the variance, but both getitems
+    run at once."""
+    parts: dict[fx.Node, list[fx.Node]] = {}
+    present = set(nodes)
+    for node in nodes:
+        if node.target is operator.getitem and node.args[0] in present:
+            parts.setdefault(node.args[0], []).append(node)
+    raised = {part for group in parts.values() for part in group}
+    result = []
+    for node in nodes:
+        if node in raised:
+            continue
+        result.append(node)
+        result.extend(parts.get(node, ()))
+    return result
 
 
 def _just_in_time(extracted: list[fx.Node], gradients: list[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
