@@ -142,12 +142,16 @@ def _raise_getitems(nodes: list[fx.Node]) -> list[fx.Node]:
         if node.target is operator.getitem and node.args[0] in present:
             parts.setdefault(node.args[0], []).append(node)
     raised = {part for group in parts.values() for part in group}
-    result = []
-    for node in nodes:
-        if node in raised:
-            continue
+    result: list[fx.Node] = []
+
+    def place(node: fx.Node) -> None:  # a getitem of a getitem follows its own parent
         result.append(node)
-        result.extend(parts.get(node, ()))
+        for part in parts.get(node, ()):
+            place(part)
+
+    for node in nodes:
+        if node not in raised:
+            place(node)
     return result
 
 
