@@ -31,7 +31,7 @@ from remat.cost_models.runtime import make_estimator
 from remat.cost_models.sizes import graph_device, human_bytes
 from remat.options import RematOptions, parse_budget
 from remat.offloading import OffloadChoice, choose_offloads, describe_offloads, offload_problem, offload_tags, pick_offloads
-from remat.passes.backward_copies import add_backward_copies, with_backward_copies
+from remat.passes.backward_copies import find_backward_copies, insert_backward_copies, with_backward_copies
 from remat.passes.budget import (
     KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, Solution, lowest_plan, simulate_saved, solve_budget,
 )
@@ -206,12 +206,12 @@ def _choose_budgeted(
     _warn_unmatched(options, never.matched, graph_name)
     budget = resolve_budget(options, problem.resident, lambda: _save_everything_peak(problem), device)
     outcome = _outcome(problem, budget, options)
-    variant = with_backward_copies(graph, info) if problem.fused else None
-    if variant is not None:
-        twin, twin_info = variant
+    copies = find_backward_copies(graph, info, segments) if problem.fused else []
+    if copies:
+        twin, twin_info = with_backward_copies(graph, info, copies)
         copied = _outcome(problem_for(twin, twin_info, find_segments(twin, twin_info), _NeverRecompute(options, twin)), budget, options)
         if copied.better_than(outcome):
-            add_backward_copies(graph, info)
+            insert_backward_copies(graph, copies, info)
             outcome = copied
     solution, offload, peak = outcome.solution, outcome.offload, outcome.peak
     if outcome.infeasible is not None:

@@ -176,6 +176,10 @@ def test_the_lowest_plan_is_no_higher_than_any_plan_simulated(captured: dict[str
     assert lowest.peak == min(s.peak for s in problem.simulated()) <= everything_kept.peak
 
 
+def unet_copies(found: dict[str, Any]) -> list[Any]:
+    return find_backward_copies(found["graph"], found["info"], find_segments(found["graph"], found["info"]))
+
+
 def test_the_backward_reads_copies_of_skip_connections_that_compute_the_same(captured: dict[str, Any]) -> None:
     """The U-Net's skip connections (SiLU of GroupNorm, read by the decoder and by the
     encoder's backward) get a copy for the backward; the graph with the copies returns
@@ -184,9 +188,9 @@ def test_the_backward_reads_copies_of_skip_connections_that_compute_the_same(cap
     found = plan_case("unet", captured)
     graph, info = found["graph"], found["info"]
     before = [(n.name, tuple(u.name for u in n.users)) for n in graph.nodes]
-    copies = find_backward_copies(graph, info, find_segments(graph, info))
+    copies = unet_copies(found)
     assert copies and all(len(c.chain) > 1 for c in copies)
-    twin, twin_info = with_backward_copies(graph, info)
+    twin, twin_info = with_backward_copies(graph, info, copies)
     assert [(n.name, tuple(u.name for u in n.users)) for n in graph.nodes] == before
     chains = {node.name for c in copies for node in c.chain}
     made = [n for n in twin.nodes if n.name not in {name for name, _ in before}]
@@ -205,7 +209,7 @@ def test_the_backward_reads_copies_of_skip_connections_that_compute_the_same(cap
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True) if isinstance(a, torch.Tensor))
     captured.clear()
     gpt = plan_case("gpt", captured)
-    assert with_backward_copies(gpt["graph"], gpt["info"]) is None
+    assert find_backward_copies(gpt["graph"], gpt["info"], find_segments(gpt["graph"], gpt["info"])) == []
 
 
 def test_backward_copies_lower_a_plan_that_recomputes_the_decoder(
@@ -216,7 +220,7 @@ def test_backward_copies_lower_a_plan_that_recomputes_the_decoder(
     never kept: keeping everything keeps no value twice. Where the plan takes them on,
     the solver's timeline of it is the very timeline of the graphs PyTorch extracts."""
     found = plan_case("unet", captured)
-    twin, twin_info = with_backward_copies(found["graph"], found["info"])
+    twin, twin_info = with_backward_copies(found["graph"], found["info"], unet_copies(found))
     estimator = make_estimator("roofline", "cpu")
     plain = BudgetProblem(found["graph"], found["info"], found["n"], estimator, fused=True)
     copied = BudgetProblem(twin, twin_info, found["n"], estimator, fused=True)
@@ -253,7 +257,7 @@ def test_an_infeasible_budget_reports_the_lowest_peak_of_either_graph(captured: 
     and on_infeasible='closest' trains with a plan at that peak."""
     found = plan_case("unet", captured)
     estimator = make_estimator("roofline", "cpu")
-    twin, twin_info = with_backward_copies(found["graph"], found["info"])
+    twin, twin_info = with_backward_copies(found["graph"], found["info"], unet_copies(found))
     lowest = min(
         lowest_plan(BudgetProblem(graph, info, found["n"], estimator, fused=True)).peak
         for graph, info in ((found["graph"], found["info"]), (twin, twin_info))

@@ -66,7 +66,7 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import inductor_fallback_random, is_builtin_op, is_op_overload, size_hint
-from remat.cost_models.sizes import storage_bytes, tensors_in
+from remat.cost_models.sizes import node_storage_bytes, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 
 aten = torch.ops.aten
@@ -549,7 +549,7 @@ def _group_kernels(
         if loops[a] != loops[b]:
             continue
         shared = touched[a] & touched[b]
-        score = sum(nbytes[v] if v in nbytes else nbytes.setdefault(v, _value_bytes(v)) for v in shared)
+        score = sum(nbytes[v] if v in nbytes else nbytes.setdefault(v, node_storage_bytes(v)) for v in shared)
         same_kind = reduces[a] == reduces[b] and score > 0
         ranked.append((same_kind, score, -abs(index[a] - index[b]), index[a], index[b], a, b))
     ranked.sort(key=lambda r: r[:5], reverse=True)
@@ -602,13 +602,11 @@ class _Schedule:
         self.needs = needs
         self.leader = {node: node for node in kernels}
         self.members = {node: {node} for node in kernels}
-        # Inductor's min_order and max_order, and the ancestors of each group and its
-        # own nodes as bit sets over the scheduled nodes
-        order = {node: i for i, node in enumerate(scheduled)}
-        ancestors = _ancestor_bits(index, order)
-        self.span = {node: (order[node], order[node]) for node in kernels}
-        self.bits = {node: 1 << order[node] for node in kernels}
-        self.ancestors = {node: ancestors[node] for node in kernels}
+        # Inductor's min_order and max_order of each group; what each node depends on,
+        # as bit sets over the scheduled nodes, only once two groups far apart meet
+        self.order = {node: i for i, node in enumerate(scheduled)}
+        self.span = {node: (self.order[node], self.order[node]) for node in kernels}
+        self._ancestors: dict[fx.Node, int] | None = None
         self.outside = {node: set(needs[node]) for node in kernels}  # what each group needs from elsewhere
         self.reduction = {node: _reduction_ranges(node) for node in kernels}  # a group's, None without one
         self.index = index
@@ -639,8 +637,6 @@ class _Schedule:
         del self.members[second]
         (low, high), (low2, high2) = self.span[first], self.span.pop(second)
         self.span[first] = (min(low, low2), max(high, high2))
-        self.bits[first] |= self.bits.pop(second)
-        self.ancestors[first] |= self.ancestors.pop(second)
         self.outside[first] = wanted
         del self.outside[second]
 
@@ -650,7 +646,16 @@ class _Schedule:
         (low, high), (low2, high2) = self.span[first], self.span[second]
         if max(abs(low - high2), abs(low2 - high)) <= FUSION_DISTANCE:
             return False
-        return not (self.ancestors[first] & self.bits[second] or self.ancestors[second] & self.bits[first])
+        return not (self._depends(first, second) or self._depends(second, first))
+
+    def _depends(self, group: fx.Node, other: fx.Node) -> bool:
+        """Whether a node of ``group`` needs, through any chain of reads, one of ``other``."""
+        if self._ancestors is None:
+            self._ancestors = _ancestor_bits(self.index, self.order)
+        needed = 0
+        for node in self.members[group]:
+            needed |= self._ancestors[node]
+        return any(needed >> self.order[node] & 1 for node in self.members[other])
 
     def _needed_after(self, wanted: set[fx.Node], at: float, fused: set[fx.Node]) -> set[fx.Node] | None:
         """The nodes at or after ``at`` that ``wanted`` come from (whole groups), or
@@ -693,11 +698,6 @@ class _Schedule:
             if self.place[head] != self.index[head]:
                 found[node] = at_index[math.ceil(self.place[head])]
         return found
-
-
-def _value_bytes(node: fx.Node) -> int:
-    value = node.meta.get("val")
-    return storage_bytes(value) if isinstance(value, torch.Tensor) else 0
 
 
 def _reduction_ranges(node: fx.Node) -> tuple[int, int] | None:

@@ -56,6 +56,12 @@ def storage_bytes(value: torch.Tensor) -> int:
     return size_hint(value.untyped_storage().nbytes())
 
 
+def node_storage_bytes(node: fx.Node) -> int:
+    """``storage_bytes`` of the tensor a node makes; 0 for anything else."""
+    value = node.meta.get("val")
+    return storage_bytes(value) if isinstance(value, torch.Tensor) else 0
+
+
 def node_tensor(node: fx.Node) -> torch.Tensor | None:
     """The (fake) tensor a node produces, or None for non-tensor nodes."""
     value = node.meta.get("val")

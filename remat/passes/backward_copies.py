@@ -26,9 +26,9 @@ import torch.fx as fx
 
 from remat._torch_internals import JointInfo, is_primal, mark_must_recompute
 from remat.cost_models.fusion import inlined_by_inductor
-from remat.cost_models.sizes import storage_size
+from remat.cost_models.sizes import node_storage_bytes
 from remat.passes.recompute_rules import ban_reason, is_view
-from remat.passes.segments import Segment, find_segments
+from remat.passes.segments import Segment
 
 MAX_CHAIN = 24  # ops in one copied chain: GroupNorm's affine and SiLU take 18
 SMALLEST_SHARE = 16  # a value worth a copy has at least 1/16 of the bytes of the forward's largest
@@ -45,16 +45,9 @@ class BackwardCopy:
     before: fx.Node
 
 
-def add_backward_copies(graph: fx.Graph, info: JointInfo) -> set[fx.Node]:
-    """Insert into ``graph`` the copies ``find_backward_copies`` finds; returns the new nodes."""
-    return insert_backward_copies(graph, find_backward_copies(graph, info, find_segments(graph, info)), info)
-
-
-def with_backward_copies(graph: fx.Graph, info: JointInfo) -> tuple[fx.Graph, JointInfo] | None:
-    """A copy of ``graph`` with the copies inserted (``graph`` stays as it is), and its
-    info; None where there are none to make."""
-    if not find_backward_copies(graph, info, find_segments(graph, info)):
-        return None
+def with_backward_copies(graph: fx.Graph, info: JointInfo, copies: list[BackwardCopy]) -> tuple[fx.Graph, JointInfo]:
+    """A copy of ``graph`` with ``copies`` (found in ``graph``) inserted, and its info;
+    ``graph`` stays as it is."""
     twin = fx.Graph()
     mapping: dict[fx.Node, fx.Node] = {}
     value, output = twin.graph_copy(graph, mapping, return_output_node=True)
@@ -65,7 +58,10 @@ def with_backward_copies(graph: fx.Graph, info: JointInfo) -> tuple[fx.Graph, Jo
         required_bw=frozenset(mapping[n] for n in info.required_bw),
         tangents_closure=frozenset(mapping[n] for n in info.tangents_closure),
     )
-    add_backward_copies(twin, twin_info)
+    twin_copies = [
+        BackwardCopy(mapping[c.value], tuple(mapping[n] for n in c.chain), mapping[c.before]) for c in copies
+    ]
+    insert_backward_copies(twin, twin_copies, twin_info)
     return twin, twin_info
 
 
@@ -77,14 +73,14 @@ def find_backward_copies(graph: fx.Graph, info: JointInfo, segments: list[Segmen
     1/``SMALLEST_SHARE`` of the forward's largest (a causal mask's ``arange``) are not
     worth a kernel, nor a solve of the graph with them."""
     order = {node: i for i, node in enumerate(graph.nodes)}
-    largest = max((_bytes(node) for node in info.required_fw), default=0)
+    largest = max((node_storage_bytes(node) for node in info.required_fw), default=0)
     segment_of = {node: s.index for s in segments for node in s.nodes}
     copied: set[fx.Node] = set()
     found = []
     for value in graph.nodes:
         if value in copied or is_view(value) or not _copyable(value, info):
             continue
-        if not isinstance(value.meta.get("val"), torch.Tensor) or _bytes(value) * SMALLEST_SHARE < largest:
+        if not isinstance(value.meta.get("val"), torch.Tensor) or node_storage_bytes(value) * SMALLEST_SHARE < largest:
             continue
         own = segment_of.get(value)
         if own is None or not _backward_readers(value, info):
@@ -144,7 +140,7 @@ def _chain(value: fx.Node, info: JointInfo, order: dict[fx.Node, int]) -> tuple[
     chain: set[fx.Node] = set()
     sources: set[fx.Node] = set()
     pending = [value]
-    nbytes = _bytes(value)
+    nbytes = node_storage_bytes(value)
     first = min(order[u] for u in _backward_readers(value, info))
     while pending:
         node = pending.pop()
@@ -152,7 +148,7 @@ def _chain(value: fx.Node, info: JointInfo, order: dict[fx.Node, int]) -> tuple[
             continue
         statistic = (
             node is not value
-            and _bytes(node) * STATISTIC_RATIO <= nbytes
+            and node_storage_bytes(node) * STATISTIC_RATIO <= nbytes
             and _read_by_backward_from(node, first, info, order)
         )
         if not statistic and _copyable(node, info):
@@ -165,11 +161,6 @@ def _chain(value: fx.Node, info: JointInfo, order: dict[fx.Node, int]) -> tuple[
     if not all(is_primal(s) or _read_by_backward_from(s, first, info, order) for s in sources):
         return None
     return tuple(sorted(chain, key=order.__getitem__))
-
-
-def _bytes(node: fx.Node) -> int:
-    value = node.meta.get("val")
-    return storage_size(value).hint if isinstance(value, torch.Tensor) else 0
 
 
 def _read_by_backward_from(node: fx.Node, first: int, info: JointInfo, order: dict[fx.Node, int]) -> bool:
