@@ -22,7 +22,7 @@ from typing import Any
 
 from remat.cost_models.sizes import human_bytes
 from remat.options import INNER_COMPILERS, ON_INFEASIBLE, POLICIES, RematOptions
-from remat.passes.budget import InfeasibleBudget
+from remat.passes.budget import InfeasibleBudget, budget_text
 from remat.progress import Progress
 from remat.programs import Program, ProgramError, load
 from remat.sweep import DEFAULT_BUDGETS
@@ -235,7 +235,7 @@ def _message(error: BaseException) -> tuple[str, int]:
     if infeasible is not None:
         lowest = infeasible.lowest
         return (
-            f"memory budget {human_bytes(infeasible.budget)} cannot be met: the lowest predicted peak of this program is "
+            f"memory budget {budget_text(infeasible.budget, infeasible.stated)} cannot be met: the lowest predicted peak of this program is "
             f"{human_bytes(lowest.peak)} ({human_bytes(lowest.timeline.resident_bytes)} of it parameters and inputs). "
             f"Raise --budget to at least {human_bytes(lowest.peak)}, or pass --on-infeasible closest to plan the "
             "lowest-memory step",

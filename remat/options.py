@@ -211,7 +211,14 @@ def parse_budget(value: object) -> tuple[Literal["bytes", "fraction", "auto"], f
             raise ValueError(f"remat option 'memory_budget' must be {_BUDGET_HELP}; got {value!r}")
         return "bytes", amount
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        return ("fraction", float(value)) if value <= 1 else ("bytes", float(value))
+        if value <= 1:
+            return "fraction", float(value)
+        if float(value).is_integer():
+            return "bytes", float(value)
+        raise ValueError(
+            f"remat option 'memory_budget' must be {_BUDGET_HELP}; got {value!r}, which is above 1, so bytes, "
+            "but not a whole number of them"
+        )
     raise ValueError(f"remat option 'memory_budget' must be {_BUDGET_HELP}; got {value!r}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import gc
 import math
 import re
@@ -33,7 +34,8 @@ from remat.options import RematOptions, parse_budget
 from remat.offloading import OffloadChoice, choose_offloads, describe_offloads, offload_problem, offload_tags, pick_offloads
 from remat.passes.backward_copies import find_backward_copies, insert_backward_copies, with_backward_copies
 from remat.passes.budget import (
-    KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, Solution, lowest_plan, simulate_saved, solve_budget,
+    KEEP_MODES, RECOMPUTE, BudgetProblem, Group, InfeasibleBudget, Solution, budget_text, lowest_plan, simulate_saved,
+    solve_budget,
 )
 from remat.passes.offload import OffloadOutcome, OffloadProblem
 from remat.passes.remat import solve_keep_only
@@ -69,10 +71,10 @@ class BudgetedChoice:
 class SaveOnlyOverBudget(InfeasibleBudget):
     """The one plan that ``save_only`` allows does not fit the memory budget."""
 
-    def __init__(self, budget: int, plan: Solution, save_only: tuple[str, ...]) -> None:
-        super().__init__(budget, plan)
+    def __init__(self, budget: int, plan: Solution, save_only: tuple[str, ...], stated: str | None = None) -> None:
+        super().__init__(budget, plan, stated)
         self.args = (
-            f"memory_budget {human_bytes(budget)} cannot be met with save_only={list(save_only)!r}: keeping only "
+            f"memory_budget {budget_text(budget, stated)} cannot be met with save_only={list(save_only)!r}: keeping only "
             f"the values tagged with these names (and what can never be recomputed), the simulated peak "
             f"is {human_bytes(plan.peak)} (of which {human_bytes(plan.timeline.resident_bytes)} are parameters and "
             "inputs). Raise the budget, tag fewer or smaller values, or pass on_infeasible='closest' "
@@ -152,6 +154,18 @@ def resolve_budget(
     return int(AUTO_MARGIN * available_memory(device)) + resident
 
 
+def stated_budget(options: RematOptions, save_peak: Callable[[], int]) -> str | None:
+    """How ``options`` gave the memory budget where that was not in bytes: the fraction
+    and the peak it is a fraction of (``save_peak``, as for ``resolve_budget``), or
+    "auto". For error messages."""
+    kind, value = parse_budget(options.memory_budget)
+    if kind == "fraction":
+        return f"{value:g} x the {human_bytes(save_peak())} peak without rematerialization"
+    if kind == "auto":
+        return f"'auto': {AUTO_MARGIN:.0%} of the memory free on the device, plus the parameters and inputs"
+    return None
+
+
 def _save_everything_peak(problem: BudgetProblem) -> int:
     return problem.simulate([Group(i, i, "save") for i in range(len(problem.segments))]).peak
 
@@ -204,7 +218,8 @@ def _choose_budgeted(
     never = _NeverRecompute(options, graph)
     problem = problem_for(graph, info, segments, never)
     _warn_unmatched(options, never.matched, graph_name)
-    budget = resolve_budget(options, problem.resident, lambda: _save_everything_peak(problem), device)
+    save_peak = functools.cache(lambda: _save_everything_peak(problem))
+    budget = resolve_budget(options, problem.resident, save_peak, device)
     outcome = _outcome(problem, budget, options)
     copies = find_backward_copies(graph, info, segments) if problem.fused else []
     if copies:
@@ -215,11 +230,10 @@ def _choose_budgeted(
             outcome = copied
     solution, offload, peak = outcome.solution, outcome.offload, outcome.peak
     if outcome.infeasible is not None:
+        error = InfeasibleBudget(outcome.infeasible.budget, outcome.infeasible.lowest, stated_budget(options, save_peak))
         if options.on_infeasible == "raise":
-            raise outcome.infeasible
-        warnings.warn(
-            f"{outcome.infeasible}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=3
-        )
+            raise error
+        warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=3)
         offload = choose_offloads(outcome.problem.graph, solution.saved, num_fwd_outputs, options, fused_model(options))
         peak = offload.peak_bytes if offload is not None else solution.peak
     reasons = {}
@@ -355,6 +369,7 @@ def _choose_tagged(
     plan = simulate_saved(graph, saved, num_fwd_outputs, estimator, fused_model(options))
     budget = None
     if options.memory_budget is not None:
+        @functools.cache
         def save_peak() -> int:
             problem = BudgetProblem(
                 graph, info, num_fwd_outputs, estimator, modes=("save",), never_recompute=never, fused=fused_model(options)
@@ -371,7 +386,7 @@ def _choose_tagged(
         offload, peak = describe_offloads(graph, offloads, outcome, options), outcome.peak
     if budget is not None:
         if peak > budget:
-            error = SaveOnlyOverBudget(budget, plan, options.save_only)
+            error = SaveOnlyOverBudget(budget, plan, options.save_only, stated_budget(options, save_peak))
             if options.on_infeasible == "raise":
                 raise error
             warnings.warn(f"{error}. Using it (on_infeasible='closest').", RematBudgetWarning, stacklevel=3)

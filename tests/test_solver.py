@@ -19,6 +19,7 @@ from remat.cost_models import runtime
 from remat.cost_models.devices import DeviceProfile
 from remat.cost_models.memory import simulate_order, simulate_step
 from remat.cost_models.runtime import make_estimator
+from remat.cost_models.sizes import human_bytes
 from remat.options import RematOptions, parse_budget
 from remat._torch_internals import checkpoint_policy
 from remat.passes.backward_copies import find_backward_copies, with_backward_copies
@@ -316,6 +317,17 @@ def test_infeasible_budget_says_the_lowest_peak_or_uses_it() -> None:
     assert plan_peak(plan) <= plan_peak(lowest)
 
 
+def test_infeasible_fraction_says_what_it_is_a_fraction_of() -> None:
+    """A budget given as a fraction is named as such, with the peak it is a fraction of
+    (parameters included: a model whose parameters are most of its peak cannot halve it)."""
+    case = small_gpt()
+    model = WithLoss(case.model, case.loss_fn)
+    everything = plan_peak(remat.plan(model, *case.inputs, policy="none"))
+    with pytest.raises(Exception, match=r"memory_budget ([0-9.]+ [KM]iB) \(0\.01 x the ([0-9.]+ [KM]iB) peak without rematerialization\) cannot be met") as raised:
+        remat.plan(model, *case.inputs, memory_budget=0.01, on_plan_failure="raise")
+    assert f"the {human_bytes(everything)} peak" in str(raised.value)
+
+
 def test_policies_order_memory() -> None:
     case = small_gpt()
     model = WithLoss(case.model, case.loss_fn)
@@ -349,7 +361,7 @@ def test_budget_parsing(value: object, expected: tuple[str, float]) -> None:
     assert parse_budget(value) == expected
 
 
-@pytest.mark.parametrize("value", ["6 parsecs", -1, 0, True, "GB", float("nan"), [1]])
+@pytest.mark.parametrize("value", ["6 parsecs", -1, 0, True, "GB", float("nan"), [1], 1.5])
 def test_bad_budget_names_the_option_and_the_forms(value: object) -> None:
     with pytest.raises(ValueError, match=r"'memory_budget' must be a number of bytes .* or 'auto'; got"):
         RematOptions.from_mapping({"memory_budget": value})

@@ -124,14 +124,21 @@ def simulate_saved(
     return Solution([], saved, order, timeline, position_seconds(order.forward, order.backward, seconds, fusions))
 
 
+def budget_text(budget: int, stated: str | None) -> str:
+    """A budget in bytes, with how the user gave it where that was not in bytes
+    (``stated``: "0.5 x the 313.25 KiB peak without rematerialization")."""
+    return human_bytes(budget) + (f" ({stated})" if stated else "")
+
+
 class InfeasibleBudget(ValueError):
     """No plan brings the simulated peak under the budget."""
 
-    def __init__(self, budget: int, lowest: Solution) -> None:
+    def __init__(self, budget: int, lowest: Solution, stated: str | None = None) -> None:
         self.budget = budget
         self.lowest = lowest
+        self.stated = stated
         super().__init__(
-            f"memory_budget {human_bytes(budget)} cannot be met: the lowest simulated peak remat can reach for "
+            f"memory_budget {budget_text(budget, stated)} cannot be met: the lowest simulated peak remat can reach for "
             f"this graph is {human_bytes(lowest.peak)} (of which {human_bytes(lowest.timeline.resident_bytes)} are "
             "parameters and inputs). Raise the budget to at least that, or pass "
             "on_infeasible='closest' to train with the lowest-memory plan"
