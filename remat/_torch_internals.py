@@ -428,6 +428,17 @@ def input_names(gm: fx.GraphModule) -> list[str | None]:
     return names
 
 
+def graph_break_reason(gm: fx.GraphModule) -> str | None:
+    """Why Dynamo ended this graph where the model's code goes on (a graph break), or
+    None where the graph runs to the frame's return (``OutputGraph`` files the reason
+    on the module it hands the backend; pieces split off by DDP's optimizer have none)."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not getattr(reason, "graph_break", False):
+        return None
+    first = next((line.strip() for line in str(reason.reason).splitlines() if line.strip()), "")
+    return first.split(" Explanation:")[0][:200]
+
+
 def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[torch.nn.Parameter]:
     """The model's parameters among the inputs of a Dynamo graph. Usually the inputs
     themselves; under DDP's optimizer (the graph split at each gradient bucket) each

@@ -52,7 +52,8 @@ OFFLOAD_RELAXATIONS = (1.25, 1.5, 2.0, 3.0, UNBOUNDED)
 
 
 class RematBudgetWarning(UserWarning):
-    """The memory budget cannot be met; the lowest-memory plan is used instead."""
+    """The memory budget cannot be met (the lowest-memory plan is used instead), or
+    does not bound the whole step (a graph break splits it)."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -177,22 +178,39 @@ def _eager_planned() -> nn.Module:
     return model
 
 
+class TwoGraphs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = torch.tanh(self.a(x))
+        torch._dynamo.graph_break()
+        return torch.tanh(self.b(x))
+
+
 def test_graph_breaks_give_one_plan_per_graph():
-    class TwoGraphs(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
-
-        def forward(self, x):
-            x = torch.tanh(self.a(x))
-            torch._dynamo.graph_break()
-            return torch.tanh(self.b(x))
-
     model = TwoGraphs()
-    _step(remat.compile(model, inner_compiler="eager"), torch.randn(2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", remat.RematBudgetWarning)  # no budget, nothing to warn of
+        _step(remat.compile(model, inner_compiler="eager"), torch.randn(2, 8))
     plans = remat.plans(model)
     assert len(plans) == 2 and plans[0].graph != plans[1].graph
     assert remat.explain(model) is plans[-1]
+
+
+def test_a_budget_split_by_a_graph_break_is_named():
+    """Each graph is planned against the whole budget: the graph before a break says
+    so, with the break's reason; the last graph, which ends at the return, does not."""
+    model = TwoGraphs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _step(remat.compile(model, inner_compiler="eager", memory_budget="1GB"), torch.randn(2, 8))
+    said = [str(w.message) for w in caught if issubclass(w.category, remat.RematBudgetWarning)]
+    first, second = (plan.graph for plan in remat.plans(model))
+    assert len(said) == 1, said
+    assert f"graph {first} ends at a graph break (" in said[0] and "graph_break()" in said[0]
+    assert second not in said[0]
 
 
 def test_cli_version_and_help():
