@@ -45,7 +45,7 @@ try:
     from torch.fx.experimental.symbolic_shapes import optimization_hint as _optimization_hint
 except ImportError:  # torch < 2.12
     _optimization_hint = None
-    from torch.fx.experimental.symbolic_shapes import hint_int as _hint_int
+    from torch.fx.experimental.symbolic_shapes import size_hint as _size_hint
 
 PartitionFn = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
 
@@ -202,7 +202,11 @@ def size_hint(value: int | torch.SymInt) -> int:
         return int(value)
     if _optimization_hint is not None:  # torch >= 2.12
         return _optimization_hint(value)
-    return _hint_int(value)
+    # a data-dependent size (nonzero's) has no hint: torch 2.11 raises without a
+    # fallback, where 2.12's optimization_hint takes Inductor's, as here
+    from torch._inductor import config as inductor_config
+
+    return _size_hint(value, fallback=inductor_config.unbacked_symint_fallback)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
@@ -38,9 +39,15 @@ def register_compression_hook(model: DistributedDataParallel, compress: Mapping[
     if options.method == "none":
         return None
     if options.method == "bf16":
+        backend = str(dist.get_backend(model.process_group))
+        if "nccl" not in backend and "xccl" not in backend:  # DDP itself checks only how torch was built
+            raise ValueError(
+                f"remat option compress={options.to_dict()!r}: torch.distributed's bf16 comm hook needs the NCCL "
+                f"or XCCL backend, not {backend!r}; use method='powersgd', which runs on every backend"
+            )
         try:
             model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        except TypeError as error:  # DDP accepts the bf16 hook on NCCL (CUDA) or XCCL only
+        except TypeError as error:  # a build without NCCL >= 2.10 or XCCL
             raise ValueError(
                 f"remat option compress={options.to_dict()!r}: torch.distributed's bf16 comm hook is not available "
                 f"here ({error}); use method='powersgd', which runs on every backend"
