@@ -9,7 +9,11 @@ every parameter gradient (and the input's, when it requires grad) and the buffer
 Dropout: eager and compiled masks are the same only under
 ``torch._inductor.config.patch(fallback_random=True)`` (compiled random ops then call
 the same ATen kernels as eager, in the same order), so every run is made under it,
-with ``torch.manual_seed`` before each.
+with ``torch.manual_seed`` before each. Even so, torch 2.11's own Inductor compile
+draws other masks than eager on some models (a 0.5 dropout after a residual ReLU: loss
+0.2021 against 0.2457); where a model drops out, remat is held to eager within how far
+PyTorch's own compile of the step lies from it, and to that compile within the usual
+tolerance.
 
 Tolerances (``assert_close``), per tensor, in the infinity norm:
 
@@ -74,7 +78,7 @@ from hypothesis import strategies as st
 
 import remat
 from tests.checks import assert_planned_by_remat
-from tests.strategies import Act, Linear, ModelSpec, Norm, Tag, View, autocast, build, float64_reference, make_input, model_specs, remat_options
+from tests.strategies import Act, Dropout, Linear, ModelSpec, Norm, Tag, View, autocast, build, float64_reference, make_input, model_specs, remat_options
 
 TOLERANCES = {
     ("eager", "float32"): 1e-5,
@@ -253,9 +257,12 @@ def check_equal_to_eager(spec: ModelSpec, options: dict[str, Any]) -> None:
         exact = train_step(reference, reference, spec, x, float64=True)
         eager = train_step(model, model, spec, x)
         got = train_step(compiled, compiled_copy, spec, x)
+        pytorch = None
         if options["inner_compiler"] == "eager":
             pytorch_partition = torch.compile(pytorch_copy, backend="aot_eager_decomp_partition")
             pytorch = train_step(pytorch_partition, pytorch_copy, spec, x)
+        elif any(isinstance(layer, Dropout) and layer.p > 0 for layer in spec.layers):
+            pytorch = train_step(torch.compile(pytorch_copy), pytorch_copy, spec, x)
     plans = check_plans(compiled_copy)
     note("\n".join(str(plan) for plan in plans))
 
@@ -269,19 +276,26 @@ def check_equal_to_eager(spec: ModelSpec, options: dict[str, Any]) -> None:
     for name in eager:
         # The eager inner compiler runs the decomposed graph, as PyTorch's own partition
         # does (compared with remat's just below, tightly): how far that one lies from
-        # eager is the decompositions' rounding, not remat's.
-        decomposition = 0.0
-        if options["inner_compiler"] == "eager" and eager[name].is_floating_point() and pytorch[name] is not None:
-            decomposition = (pytorch[name].double() - eager[name].double()).abs().max().item()
+        # eager is the decompositions' rounding, not remat's. Under Inductor, a model
+        # that drops out: how far PyTorch's own Inductor compile lies from eager.
+        allowance = 0.0
+        if pytorch is not None and eager[name].is_floating_point() and pytorch[name] is not None:
+            allowance = (pytorch[name].double() - eager[name].double()).abs().max().item()
         assert_close(
             got[name], eager[name], exact[name], tol=tol, scale=scale if name.startswith("grad") else 0.0,
-            noise=NOISE, what=f"{name} vs eager", allowance=decomposition,
+            noise=NOISE, what=f"{name} vs eager", allowance=allowance,
         )
     if options["inner_compiler"] == "eager":
         for name in eager:
             assert_close(
                 got[name], pytorch[name], None, tol=PARTITION_TOL, scale=0.0, noise=0.0,
                 what=f"{name} vs PyTorch's partition (aot_eager_decomp_partition)",
+            )
+    elif pytorch is not None:  # and the same masks as PyTorch's own Inductor compile
+        for name in eager:
+            assert_close(
+                got[name], pytorch[name], exact[name], tol=tol, scale=scale if name.startswith("grad") else 0.0,
+                noise=NOISE, what=f"{name} vs PyTorch's Inductor compile",
             )
 
 
