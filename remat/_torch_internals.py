@@ -12,6 +12,7 @@ name in this file is what makes a PyTorch upgrade a one-file change.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -378,6 +379,86 @@ class _JointPrePass(CustomGraphPass):
         return (str, (repr(self.uuid()),))
 
 
+@functools.cache
+def _no_extern_pull_choices() -> type:
+    """Inductor's fusion heuristics, less the fusions that pull an extern kernel ahead.
+
+    Two kernels fuse into one that runs where the earlier ran, and what the later one
+    needs from in between runs before it (``Scheduler.topological_sort_schedule``): a
+    recomputed GELU fused with its backward pulls the matmul that makes the backward's
+    input ahead of the weight-gradient matmul that reads the GELU, and the three 4 MiB
+    values of a GPT layer's MLP meet again (``passes.weight_gradients``). remat's
+    compiles refuse such fusions (``cost_models.fusion`` models them so); the kernels
+    then each read their inputs once more. ``uuid`` keys Inductor's graph cache."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
+
+    class NoExternPull(InductorChoices):
+        @staticmethod
+        def uuid() -> str:
+            return "remat-no-extern-pull-1"
+
+        @staticmethod
+        def can_fuse(scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:
+            if not InductorChoices.can_fuse(scheduler, node1, node2, shared_data_score):
+                return False
+            place, externs = NoExternPull._places(scheduler.nodes)
+            members = node1.get_operation_names() | node2.get_operation_names()
+            start = min((place[name] for name in members if name in place), default=None)
+            if start is None:
+                return True
+            needed = (node1.ancestors | node2.ancestors) - members
+            return not any(name in externs and place[name] > start for name in needed)
+
+        @staticmethod
+        def _places(nodes: list[Any]) -> tuple[dict[str, int], set[str]]:
+            """Where each op runs, and which run as extern kernels: one list per
+            round of fusion, asked of for every pair."""
+            last, size, found = NoExternPull._last
+            if last is not nodes or size != len(nodes):
+                place: dict[str, int] = {}
+                externs: set[str] = set()
+                for i, node in enumerate(nodes):
+                    for name in node.get_operation_names():
+                        place[name] = i
+                        if isinstance(node, ExternKernelSchedulerNode):
+                            externs.add(name)
+                found = (place, externs)
+                NoExternPull._last = (nodes, len(nodes), found)
+            return found
+
+        _last: tuple[Any, int, Any] = (None, 0, None)
+
+    # torch 2.11 pickles the config into the graph cache's key (later versions ask
+    # uuid): a class pickles as its module and name, so it must be found there
+    NoExternPull.__name__ = NoExternPull.__qualname__ = "NoExternPullChoices"
+    NoExternPull.__module__ = __name__
+    globals()["NoExternPullChoices"] = NoExternPull
+    return NoExternPull
+
+
+@contextlib.contextmanager
+def no_extern_pulls() -> Iterator[None]:
+    """Inductor compiles in this context refuse fusions that pull an extern kernel
+    ahead (``_no_extern_pull_choices``). The scheduler asks ``V.choices``; the config
+    entry puts the choice in the graph cache's key."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.virtualized import V
+
+    choices = _no_extern_pull_choices()
+    with inductor_config.patch(inductor_choices_class=choices), V.set_choices_handler(choices()):
+        yield
+
+
+def generated_code(compiled: Callable[..., Any], *args: Any) -> str:
+    """The code Inductor generates for ``compiled(*args)``, its first graph (tests read
+    the order of its kernels)."""
+    from torch._inductor.utils import run_and_get_code
+
+    _, codes = run_and_get_code(compiled, *args)
+    return codes[0]
+
+
 def compile_inductor(
     gm: fx.GraphModule, example_inputs: Sequence[Any], partition_fn: PartitionFn, joint_pass: JointPass | None = None
 ) -> Callable[..., Any]:
@@ -401,7 +482,7 @@ def compile_inductor(
 
     def inner_compile(graph: fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
         # runs after the partition, for the forward and the backward graph
-        with inductor_config.patch(allow_buffer_reuse=buffer_pool.enabled):
+        with inductor_config.patch(allow_buffer_reuse=buffer_pool.enabled), no_extern_pulls():
             return compile_fx_inner(graph, inputs, **kwargs)
 
     with torch._functorch.config.patch(enable_autograd_cache=False):

@@ -6,7 +6,10 @@ default partitioner runs with ``activation_memory_budget`` = the same number (a
 fraction of the bytes its own default plan saves). Both partitions come from one
 trace and are predicted by the same simulator and time model, so the rows compare
 the decisions, and how each is compiled: PyTorch's with Inductor's buffer pool, remat's
-with it only where its holds fit the budget. Predictions, not measurements.
+with it only where its holds fit the budget. Both are simulated as remat compiles a
+graph, which refuses fusions that pull a matmul ahead (``cost_models.fusion``): where
+PyTorch's compile would make such a fusion, its real peak is higher than its row says.
+Predictions, not measurements.
 """
 
 from __future__ import annotations

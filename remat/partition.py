@@ -18,6 +18,7 @@ import torch.fx as fx
 from remat import _torch_internals as internals
 from remat.options import RematOptions
 from remat.passes.budget import InfeasibleBudget
+from remat.passes.weight_gradients import weight_gradients_first
 from remat.passes.remat import MinCutResult, solve_min_cut
 from remat.cost_models.runtime import make_estimator
 from remat.cost_models.sizes import graph_device
@@ -71,6 +72,8 @@ class RematPartitioner:
                 offloads.append(choose_offloads(graph, results[-1].saved, num_fwd_outputs, self.options, fused_model(self.options)))
             return results[-1].saved
 
+        if weight_gradients_first(joint_module.graph):
+            joint_module.recompile()
         try:
             fw, bw = internals.partition_with(
                 choose, joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs

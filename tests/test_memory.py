@@ -14,6 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import remat
 import remat.partition as partition
+from remat import _torch_internals as internals
 from remat.cost_models.fusion import fuse
 from remat.cost_models.memory import _reuse_freed_buffers, _Storage, simulate_order, simulate_step
 from remat.passes.schedule import complete_saved_set, step_order
@@ -130,30 +131,44 @@ def test_fused_on_the_cpu_kernels_between_two_extern_kernels_run_as_one_call() -
     assert _interval(fused, "relu_1").start == fused.positions.index("forward:relu")
 
 
-def test_fused_a_kernel_runs_after_what_its_later_part_needs() -> None:
-    """Inductor fuses two kernels that read the same value even when the later one
-    needs a value made after the earlier one (a recomputed LayerNorm and its
-    backward, which needs a matmul's result): the fused kernel runs at its first
-    part's place and pulls that matmul ahead of itself."""
+def _pulls_a_matmul(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two kernels that read ``x``, the later one also a matmul made after the earlier
+    (a recomputed LayerNorm and its backward, which needs a matmul's result)."""
+    a = (x * 2).relu()  # stored: a matmul reads it
+    p = a.t() @ g  # 4 MiB
+    q = g @ w  # made after a's kernel
+    b = (x * q).relu()  # reads x like a's kernel
+    return p, b
 
-    def f(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = (x * 2).relu()  # stored: a matmul reads it
-        p = a.t() @ g  # 4 MiB
-        q = g @ w  # made after a's kernel
-        b = (x + q).relu()  # reads x like a's kernel: fused with it, so q is made before both
-        return p, b
 
-    graph = _fake_graph(f, torch.randn(256, 1024), torch.randn(1024, 1024), torch.randn(256, 1024))
+def test_fused_a_kernel_never_pulls_a_matmul_ahead() -> None:
+    """Inductor would fuse the two kernels at the first one's place and pull the
+    matmul ahead of it; remat's compiles refuse that fusion, and the model with them:
+    the kernels stay apart and nothing moves."""
+    graph = _fake_graph(_pulls_a_matmul, torch.randn(256, 1024), torch.randn(1024, 1024), torch.randn(256, 1024))
     fusion = _fusion(graph)
-    assert {n.name: before.name for n, before in fusion.pulled.items()} == {"mm_1": "relu"}
-    assert fusion.runs_with[next(n for n in graph.nodes if n.name == "relu_1")].name == "relu"
+    assert fusion.pulled == {}
+    assert next(n for n in graph.nodes if n.name == "relu_1") not in fusion.runs_with
     fused = simulate_step(graph, fused=True)
-    relu = fused.positions.index("forward:relu")
-    assert _interval(fused, "mm_1").start == _interval(fused, "relu_1").start == relu
-    assert _interval(fused, "mm_1").end == relu  # last read by b's part of the kernel
-    # while p is made: a, b and p (q is gone); op by op b comes after p
-    assert fused.live_bytes[fused.positions.index("forward:mm")] == 6 * MIB
-    assert simulate_step(graph).live_bytes[fused.positions.index("forward:mm")] == 5 * MIB
+    # while p is made: a and p, as op by op (b, and q, come after)
+    at = fused.positions.index("forward:mm")
+    assert fused.live_bytes[at] == simulate_step(graph).live_bytes[at] == 5 * MIB
+
+
+def test_inductor_under_remat_leaves_the_matmul_in_place() -> None:
+    """The same function compiled by Inductor: by default the later kernel fuses into
+    the earlier and the matmul runs first; under ``no_extern_pulls`` (every remat
+    compile) the order stays and the kernels stay two."""
+    args = (torch.randn(256, 1024), torch.randn(1024, 1024), torch.randn(256, 1024))
+
+    def calls(code: str) -> list[str]:
+        body = code[code.index("def call(") :]
+        return ["mm" if "extern_kernels.mm(" in line else "kernel" for line in body.splitlines() if "extern_kernels.mm(" in line or "cpp_fused" in line]
+
+    assert calls(internals.generated_code(torch.compile(_pulls_a_matmul), *args)) == ["mm", "kernel", "mm"]
+    torch._dynamo.reset()
+    with internals.no_extern_pulls():
+        assert calls(internals.generated_code(torch.compile(_pulls_a_matmul), *args)) == ["kernel", "mm", "mm", "kernel"]
 
 
 def test_fused_independent_kernels_far_apart_stay_apart() -> None:

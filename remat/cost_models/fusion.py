@@ -28,9 +28,13 @@ and U-Net graphs: the same values, up to a few tiny ones.
 The scheduler then fuses kernels (``Scheduler.fuse_nodes``): a fused kernel runs where
 its first part did, so a later part allocates its result early and frees its inputs
 early (``Fusion.runs_with``), and what a later part needs from after that place runs
-just before it (``Fusion.pulled``: on the demo GPT, the recomputed final LayerNorm fused
-with its backward pulls the gradient's matmul ahead, and the lm_head's weight-gradient
-matmul then runs with both alive); a stored value only its own fused kernel reads is not
+just before it (``Fusion.pulled``). A fusion that would pull an extern kernel ahead (a
+recomputed LayerNorm or GELU fused with its backward pulls the matmul that makes the
+backward's input, and the weight-gradient matmul then runs with all of them alive) is
+refused in remat's compiles (``_torch_internals.no_extern_pulls``), and so here: on the
+GPT of the budget sweep, with the weight gradients first (``passes.weight_gradients``),
+the lowest plan measured 29.2 MiB where it measured 31.0 MiB with such fusions (scratch
+runs). A stored value only its own fused kernel reads is not
 stored after all (``remove_kernel_local_buffers``); and a kernel may write its result
 over an input it reads for the last time (``Fusion.in_place``). On the CPU,
 convolutions run channels-last, without the scratch they need eagerly
@@ -43,8 +47,9 @@ copies so that the graph also returns is returned as the copy
 (``Fusion.returned_copies``: weights saved for the backward). Each rule was needed to
 come within 10% of the peaks ``benchmarks/predict.py`` measures under Inductor; the
 last two for U-Net plans that recompute convolutions (issue 4: 45.2 MiB predicted
-without them, 55.0 MiB with, 60.2 MiB measured); the pulled nodes for the demo GPT
-(81.1 MiB predicted without them, 83.1 MiB with, 83.3 MiB measured); the returned
+without them, 55.0 MiB with, 60.2 MiB measured); the pulled matmul for the demo GPT,
+before remat refused such fusions (81.1 MiB predicted without it, 83.1 MiB with, 83.3 MiB
+measured); the returned
 copies for the U-Net (59.2 MiB predicted without them, 62.2 MiB with, 62.8 MiB
 measured).
 
@@ -526,9 +531,9 @@ def _group_kernels(
 
     What a fused kernel needs from after its place runs just before it, with what
     that needs in turn (``Scheduler.topological_sort_schedule`` after each round of
-    fusion): a recomputed LayerNorm fused with its backward pulls the matmul that
-    makes the backward's input ahead of itself. The second map sends each node pulled
-    so to the node of the graph it now runs just before."""
+    fusion), unless that is an extern kernel: remat's compiles refuse such fusions
+    (``_torch_internals.no_extern_pulls``). The second map sends each node pulled so
+    to the node of the graph it now runs just before."""
     touching: dict[fx.Node, list[fx.Node]] = {}  # stored value -> kernels reading or making it
     needs: dict[fx.Node, set[fx.Node]] = {}
     touched: dict[fx.Node, set[fx.Node]] = {}  # what each kernel reads or makes
@@ -618,15 +623,16 @@ class _Schedule:
 
     def fuse(self, first: fx.Node, second: fx.Node) -> None:
         """Fuse the group of ``second`` into that of ``first`` (the earlier), pulling
-        what it needs ahead, unless their reductions run over different ranges or the
-        fused kernel would need its own result (a cycle)."""
+        what it needs ahead, unless their reductions run over different ranges, the
+        fused kernel would need its own result (a cycle) or an extern kernel would be
+        pulled."""
         reductions = {self.reduction[first], self.reduction[second]} - {None}
         if len(reductions) > 1 or self._far_apart(first, second):
             return
         fused = self.members[first] | self.members[second]
         wanted = (self.outside[first] | self.outside[second]) - fused
         ahead = self._needed_after(wanted, self.place[first], fused)
-        if ahead is None:
+        if ahead is None or any(node not in self.leader for node in ahead):
             return
         self.reduction[first] = next(iter(reductions), None)
         del self.reduction[second]

@@ -1,0 +1,83 @@
+"""Run each weight-gradient matmul of the backward as soon as its inputs exist.
+
+Autograd's linear backward computes the input's gradient (``dy @ W``) and then the
+weight's (``dy^T @ x``). The weight's gradient is the last reader of ``x``, so ``x``
+is still live while the input's gradient is allocated. Run the other way round, ``x``
+(a saved or recomputed activation) is freed first and the two never meet. Where the
+backward recomputes ``x`` (a GPT's GELU output, 4 MiB per layer of the budget sweep's
+model) this lowers the peak of every layer's backward. The weight's gradient is a
+gradient the step returns, so running it early holds nothing that would not be held
+anyway.
+
+Only the order changes: the same ops on the same values, so the gradients are
+bit-identical. Inductor keeps the order unless a fusion pulls the input-gradient
+matmul back ahead; remat's Inductor compiles refuse such fusions
+(``_torch_internals.compile_inductor``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from remat._torch_internals import is_tangent
+from remat.passes.recompute_rules import is_view
+
+aten = torch.ops.aten
+
+
+def weight_gradients_first(graph: fx.Graph) -> int:
+    """Move each weight-gradient matmul of the joint ``graph``'s backward (with the
+    views that feed only it) to just after the last value it reads. Returns how
+    many moved."""
+    backward = _backward_nodes(graph)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    moved = 0
+    for node in [n for n in graph.nodes if n in backward and n.target is aten.mm.default and _is_gradient(n)]:
+        chain = _with_own_views(node, backward)
+        inputs = [a for member in chain for a in member.all_input_nodes if a not in chain]
+        anchor = max(inputs, key=order.__getitem__)
+        if order[anchor] + 1 >= min(order[member] for member in chain):
+            continue
+        at = anchor
+        for member in sorted(chain, key=order.__getitem__):
+            at.append(member)
+            at = member
+        moved += 1
+        order = {n: i for i, n in enumerate(graph.nodes)}
+    return moved
+
+
+def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that read a tangent, directly or through others."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and is_tangent(node)) or any(a in found for a in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def _is_gradient(node: fx.Node) -> bool:
+    """Whether ``node`` reaches only the graph's output, through views if any: a
+    gradient the step returns, read by nothing else."""
+    pending = list(node.users)
+    while pending:
+        user = pending.pop()
+        if user.op == "output":
+            continue
+        if user.op != "call_function" or not is_view(user):
+            return False
+        pending.extend(user.users)
+    return True
+
+
+def _with_own_views(node: fx.Node, backward: set[fx.Node]) -> set[fx.Node]:
+    """``node`` and the backward views (of views) that only it reads."""
+    chain = {node}
+    pending = list(node.all_input_nodes)
+    while pending:
+        value = pending.pop()
+        if value in backward and value.op == "call_function" and is_view(value) and set(value.users) <= chain:
+            chain.add(value)
+            pending.extend(value.all_input_nodes)
+    return chain
