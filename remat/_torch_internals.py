@@ -11,6 +11,7 @@ name in this file is what makes a PyTorch upgrade a one-file change.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import re
@@ -402,28 +403,33 @@ def _no_extern_pull_choices() -> type:
         def can_fuse(scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:
             if not InductorChoices.can_fuse(scheduler, node1, node2, shared_data_score):
                 return False
-            place, externs = NoExternPull._places(scheduler.nodes)
+            place, extern_places, extern_names = NoExternPull._places(scheduler.nodes)
             members = node1.get_operation_names() | node2.get_operation_names()
-            start = min((place[name] for name in members if name in place), default=None)
-            if start is None:
+            places = [place[name] for name in members if name in place]
+            if not places:
                 return True
-            needed = (node1.ancestors | node2.ancestors) - members
-            return not any(name in externs and place[name] > start for name in needed)
+            # what the fused kernel needs and runs between its parts would run before it
+            between = range(bisect.bisect_right(extern_places, min(places)), bisect.bisect_left(extern_places, max(places)))
+            return not any(
+                name in node1.ancestors or name in node2.ancestors for i in between for name in extern_names[i]
+            )
 
         @staticmethod
-        def _places(nodes: list[Any]) -> tuple[dict[str, int], set[str]]:
-            """Where each op runs, and which run as extern kernels: one list per
-            round of fusion, asked of for every pair."""
+        def _places(nodes: list[Any]) -> tuple[dict[str, int], list[int], list[list[str]]]:
+            """Where each op runs, and the places and op names of the extern kernels in
+            order: one list of nodes per round of fusion, asked of for every pair."""
             last, size, found = NoExternPull._last
             if last is not nodes or size != len(nodes):
                 place: dict[str, int] = {}
-                externs: set[str] = set()
+                extern_places: list[int] = []
+                extern_names: list[list[str]] = []
                 for i, node in enumerate(nodes):
-                    for name in node.get_operation_names():
-                        place[name] = i
-                        if isinstance(node, ExternKernelSchedulerNode):
-                            externs.add(name)
-                found = (place, externs)
+                    names = node.get_operation_names()
+                    place.update(dict.fromkeys(names, i))
+                    if isinstance(node, ExternKernelSchedulerNode):
+                        extern_places.append(i)
+                        extern_names.append(list(names))
+                found = (place, extern_places, extern_names)
                 NoExternPull._last = (nodes, len(nodes), found)
             return found
 

@@ -31,20 +31,26 @@ def weight_gradients_first(graph: fx.Graph) -> int:
     views that feed only it) to just after the last value it reads. Returns how
     many moved."""
     backward = _backward_nodes(graph)
-    order = {node: i for i, node in enumerate(graph.nodes)}
+    # places as floats: a moved chain takes places between its anchor's and the next
+    # node's, so nothing else is renumbered (linear in the graph)
+    place = {node: float(i) for i, node in enumerate(graph.nodes)}
     moved = 0
     for node in [n for n in graph.nodes if n in backward and n.target is aten.mm.default and _is_gradient(n)]:
         chain = _with_own_views(node, backward)
-        inputs = [a for member in chain for a in member.all_input_nodes if a not in chain]
-        anchor = max(inputs, key=order.__getitem__)
-        if order[anchor] + 1 >= min(order[member] for member in chain):
-            continue
+        anchor = max((a for member in chain for a in member.all_input_nodes if a not in chain), key=place.__getitem__)
+        after = anchor.next
+        while after in chain:
+            after = after.next
+        members = sorted(chain, key=place.__getitem__)
+        if [anchor.next, *[m.next for m in members[:-1]]] == members:
+            continue  # already there
+        low, high = place[anchor], place.get(after, place[anchor] + 1.0)
         at = anchor
-        for member in sorted(chain, key=order.__getitem__):
+        for i, member in enumerate(members, 1):
             at.append(member)
             at = member
+            place[member] = low + (high - low) * i / (len(members) + 1)
         moved += 1
-        order = {n: i for i, n in enumerate(graph.nodes)}
     return moved
 
 
