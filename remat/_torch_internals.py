@@ -452,8 +452,11 @@ def no_extern_pulls() -> Iterator[None]:
     from torch._inductor.virtualized import V
 
     choices = _no_extern_pull_choices()
-    with inductor_config.patch(inductor_choices_class=choices), V.set_choices_handler(choices()):
-        yield
+    try:
+        with inductor_config.patch(inductor_choices_class=choices), V.set_choices_handler(choices()):
+            yield
+    finally:
+        choices._last = (None, 0, None)  # the scheduler's nodes go with the compile
 
 
 def generated_code(compiled: Callable[..., Any], *args: Any) -> str:

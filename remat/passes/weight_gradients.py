@@ -12,7 +12,7 @@ anyway.
 Only the order changes: the same ops on the same values, so the gradients are
 bit-identical. Inductor keeps the order unless a fusion pulls the input-gradient
 matmul back ahead; remat's Inductor compiles refuse such fusions
-(``_torch_internals.compile_inductor``).
+(``_torch_internals.no_extern_pulls``).
 """
 
 from __future__ import annotations
