@@ -72,9 +72,9 @@ class RematPartitioner:
                 offloads.append(choose_offloads(graph, results[-1].saved, num_fwd_outputs, self.options, fused_model(self.options)))
             return results[-1].saved
 
-        if weight_gradients_first(joint_module.graph):
-            joint_module.recompile()
         try:
+            if weight_gradients_first(joint_module.graph):
+                joint_module.recompile()
             fw, bw = internals.partition_with(
                 choose, joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
             )

@@ -1,4 +1,4 @@
-"""Run each weight-gradient matmul of the backward as soon as its inputs exist.
+"""Run each weight-gradient matmul of the backward before its input-gradient sibling.
 
 Autograd's linear backward computes the input's gradient (``dy @ W``) and then the
 weight's (``dy^T @ x``). The weight's gradient is the last reader of ``x``, so ``x``
@@ -27,31 +27,47 @@ aten = torch.ops.aten
 
 
 def weight_gradients_first(graph: fx.Graph) -> int:
-    """Move each weight-gradient matmul of the joint ``graph``'s backward (with the
-    views that feed only it) to just after the last value it reads. Returns how
-    many moved."""
+    """Move each weight-gradient matmul of the joint ``graph``'s backward that the step
+    returns directly (with the views that feed only it) to just before the first op
+    that reads the same gradient ``dy`` ahead of it (the input gradient's matmul),
+    where its inputs exist by then. Not further: the weight gradient lives from there
+    to the end of the step, and a matmul on a tangent moved among the forward ops
+    would start the backward there (the partitioner recomputes forward values just in
+    time from its first node on). Returns how many moved."""
     backward = _backward_nodes(graph)
-    # places as floats: a moved chain takes places between its anchor's and the next
-    # node's, so nothing else is renumbered (linear in the graph)
-    place = {node: float(i) for i, node in enumerate(graph.nodes)}
+    order = {node: i for i, node in enumerate(graph.nodes)}  # moved nodes are never read again below
     moved = 0
     for node in [n for n in graph.nodes if n in backward and n.target is aten.mm.default and _is_gradient(n)]:
         chain = _with_own_views(node, backward)
-        anchor = max((a for member in chain for a in member.all_input_nodes if a not in chain), key=place.__getitem__)
-        after = anchor.next
-        while after in chain:
-            after = after.next
-        members = sorted(chain, key=place.__getitem__)
-        if [anchor.next, *[m.next for m in members[:-1]]] == members:
-            continue  # already there
-        low, high = place[anchor], place.get(after, place[anchor] + 1.0)
-        at = anchor
-        for i, member in enumerate(members, 1):
+        inputs = [a for member in chain for a in member.all_input_nodes if a not in chain]
+        readers = [r for r in _readers(inputs, backward, chain) if order[r] < order[node]]
+        if not readers:
+            continue
+        first = min(readers, key=order.__getitem__)
+        if max(order[a] for a in inputs) >= order[first]:
+            continue  # an input is made after it
+        at = first.prev
+        for member in sorted(chain, key=order.__getitem__):
             at.append(member)
             at = member
-            place[member] = low + (high - low) * i / (len(members) + 1)
         moved += 1
     return moved
+
+
+def _readers(inputs: list[fx.Node], backward: set[fx.Node], chain: set[fx.Node]) -> list[fx.Node]:
+    """The ops outside ``chain`` that read one of the backward's ``inputs``, directly
+    or through views."""
+    found = []
+    pending = [a for a in inputs if a in backward]
+    while pending:
+        for user in pending.pop().users:
+            if user in chain:
+                continue
+            if user.op == "call_function" and is_view(user):
+                pending.append(user)
+            else:
+                found.append(user)
+    return found
 
 
 def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -64,8 +80,10 @@ def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:
 
 
 def _is_gradient(node: fx.Node) -> bool:
-    """Whether ``node`` reaches only the graph's output, through views if any: a
-    gradient the step returns, read by nothing else."""
+    """Whether ``node`` reaches the graph's output, and only that, through views if
+    any: a gradient the step returns, read by nothing else."""
+    if not node.users:
+        return False
     pending = list(node.users)
     while pending:
         user = pending.pop()
