@@ -390,14 +390,16 @@ def _no_extern_pull_choices() -> type:
     input ahead of the weight-gradient matmul that reads the GELU, and the three 4 MiB
     values of a GPT layer's MLP meet again (``passes.weight_gradients``). remat's
     compiles refuse such fusions (``cost_models.fusion`` models them so); the kernels
-    then each read their inputs once more. ``uuid`` keys Inductor's graph cache."""
+    then each read their inputs once more. ``uuid`` keys Inductor's graph cache. The
+    class stands in for Inductor's default choices: a choices class the user set is
+    not used in remat's compiles."""
     from torch._inductor.choices import InductorChoices
     from torch._inductor.scheduler import ExternKernelSchedulerNode
 
     class NoExternPull(InductorChoices):
         @staticmethod
         def uuid() -> str:
-            return "remat-no-extern-pull-1"
+            return "remat-no-extern-pull-1"  # change it with the rule: it keys cached graphs
 
         @staticmethod
         def can_fuse(scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:
@@ -417,7 +419,9 @@ def _no_extern_pull_choices() -> type:
         @staticmethod
         def _places(nodes: list[Any]) -> tuple[dict[str, int], list[int], list[list[str]]]:
             """Where each op runs, and the places and op names of the extern kernels in
-            order: one list of nodes per round of fusion, asked of for every pair."""
+            order, over ``scheduler.nodes``: the list as it was before fusion, which
+            stays through the rounds (a fused node runs at its first part's place), so
+            one per graph, asked of for every pair."""
             last, size, found = NoExternPull._last
             if last is not nodes or size != len(nodes):
                 place: dict[str, int] = {}
@@ -436,11 +440,18 @@ def _no_extern_pull_choices() -> type:
         _last: tuple[Any, int, Any] = (None, 0, None)
 
     # torch 2.11 pickles the config into the graph cache's key (later versions ask
-    # uuid): a class pickles as its module and name, so it must be found there
+    # uuid), and a subprocess compile pickles the handler: a class pickles as its
+    # module and name, found there by the module's __getattr__
     NoExternPull.__name__ = NoExternPull.__qualname__ = "NoExternPullChoices"
     NoExternPull.__module__ = __name__
-    globals()["NoExternPullChoices"] = NoExternPull
     return NoExternPull
+
+
+def __getattr__(name: str) -> Any:
+    """``NoExternPullChoices``, made on first use (it imports Inductor), for unpickling."""
+    if name == "NoExternPullChoices":
+        return _no_extern_pull_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextlib.contextmanager
