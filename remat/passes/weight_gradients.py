@@ -5,9 +5,10 @@ weight's (``dy^T @ x``). The weight's gradient is the last reader of ``x``, so `
 is still live while the input's gradient is allocated. Run the other way round, ``x``
 (a saved or recomputed activation) is freed first and the two never meet. Where the
 backward recomputes ``x`` (a GPT's GELU output, 4 MiB per layer of the budget sweep's
-model) this lowers the peak of every layer's backward. The weight's gradient is a
-gradient the step returns, so running it early holds nothing that would not be held
-anyway.
+model) this lowers the peak of every layer's backward. The weight's gradient, which
+the step returns and keeps to the end, is then held during the input gradient's matmul
+rather than made after it: at the pair the peak never rises. Moved any earlier, it
+would be held longer for nothing, so it moves just ahead of its sibling.
 
 Only the order changes: the same ops on the same values, so the gradients are
 bit-identical. Inductor keeps the order unless a fusion pulls the input-gradient
