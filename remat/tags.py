@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from remat import _torch_internals as internals
 from remat.passes.recompute_rules import is_view
+from remat.passes.schedule import backward_nodes
 
 TAGS = "remat_tags"
 
@@ -42,10 +43,9 @@ def tag(x: torch.Tensor, name: str) -> torch.Tensor:
 def mark_tagged_values(graph: fx.Graph) -> None:
     """Record each forward tag on the value it names: the base of the tagged view.
     (Tags copied onto backward nodes, which depend on a tangent, are left alone.)"""
-    backward: set[fx.Node] = set()
+    backward = backward_nodes(graph)
     for node in graph.nodes:
-        if (node.op == "placeholder" and internals.is_tangent(node)) or any(a in backward for a in node.all_input_nodes):
-            backward.add(node)
+        if node in backward:
             continue
         name = internals.tag_name(node)
         if name is None:

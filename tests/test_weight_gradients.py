@@ -43,15 +43,21 @@ def _base(node: fx.Node) -> fx.Node:
     return node
 
 
+def _tangent_readers(graph: fx.Graph) -> set[fx.Node]:
+    """The backward, found here by the tangents' names, apart from the code under test."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.name.startswith("tangents") or any(a in found for a in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
 def _weight_first_pairs(graph: fx.Graph) -> tuple[int, int]:
     """Of the backward's weight-gradient matmuls (returned, through views, as
     gradients) that share a base input with another of its matmuls: how many run
     first, and how many there are."""
     order = {node: i for i, node in enumerate(graph.nodes)}
-    backward: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.name.startswith("tangents") or any(a in backward for a in node.all_input_nodes):
-            backward.add(node)
+    backward = _tangent_readers(graph)
     matmuls = [m for m in graph.find_nodes(op="call_function", target=aten.mm.default) if m in backward]
     returned = set(next(iter(graph.find_nodes(op="output"))).all_input_nodes)
 
@@ -139,15 +145,9 @@ class _AuxHead(nn.Module):
 
 def _before_backward(graph: fx.Graph) -> list[str]:
     """The nodes ahead of the first op that reads a tangent."""
-    backward: set[fx.Node] = set()
-    names = []
-    for node in graph.nodes:
-        if node.name.startswith("tangents") or any(a in backward for a in node.all_input_nodes):
-            backward.add(node)
-            if node.op != "placeholder":
-                break
-        names.append(node.name)
-    return names
+    backward = _tangent_readers(graph)
+    first = next(n for n in graph.nodes if n in backward and n.op != "placeholder")
+    return [n.name for n in graph.nodes][: list(graph.nodes).index(first)]
 
 
 def test_no_matmul_moves_ahead_of_the_backward(joint_before: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,6 +59,16 @@ def graph_outputs(joint: fx.Graph, num_fwd_outputs: int) -> tuple[list[fx.Node],
     return forward, backward
 
 
+def backward_nodes(joint: fx.Graph) -> set[fx.Node]:
+    """The nodes of the joint graph that read a tangent, directly or through others:
+    its backward, before any partition says so."""
+    found: set[fx.Node] = set()
+    for node in joint.nodes:
+        if (node.op == "placeholder" and is_tangent(node)) or any(a in found for a in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
 def _ancestors(targets: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
     """``targets`` and everything they need, not looking past ``stop``."""
     seen: set[fx.Node] = set()

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import is_tangent
 from remat.passes.recompute_rules import is_view
+from remat.passes.schedule import backward_nodes
 
 aten = torch.ops.aten
 
@@ -35,7 +35,7 @@ def weight_gradients_first(graph: fx.Graph) -> int:
     to the end of the step, and a matmul on a tangent moved among the forward ops
     would start the backward there (the partitioner recomputes forward values just in
     time from its first node on). Returns how many moved."""
-    backward = _backward_nodes(graph)
+    backward = backward_nodes(graph)
     order = {node: i for i, node in enumerate(graph.nodes)}  # moved nodes are never read again below
     moved = 0
     for node in [n for n in graph.nodes if n in backward and n.target is aten.mm.default and _is_gradient(n)]:
@@ -68,15 +68,6 @@ def _readers(inputs: list[fx.Node], backward: set[fx.Node], chain: set[fx.Node])
                 pending.append(user)
             else:
                 found.append(user)
-    return found
-
-
-def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes that read a tangent, directly or through others."""
-    found: set[fx.Node] = set()
-    for node in graph.nodes:
-        if (node.op == "placeholder" and is_tangent(node)) or any(a in found for a in node.all_input_nodes):
-            found.add(node)
     return found
 
 
