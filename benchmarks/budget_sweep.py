@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.measure import (
     BUDGET_OPTION,
     MIB,
@@ -206,6 +208,25 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def method(steps: int, pairs: int) -> str:
+    """The report's line on how peak and time are measured (``measure._peak_bytes``):
+    on CUDA the caching allocator's peak, on the CPU the kernel's."""
+    if torch.cuda.is_available():
+        peak = (
+            "peak: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus "
+            "memory_allocated() before the step, across one step in a fresh process"
+        )
+        timed_in = "a fresh process"
+    else:
+        peak = "peak: VmHWM - VmRSS across one step in a fresh process with MALLOC_MMAP_THRESHOLD_=131072"
+        timed_in = "a fresh process without it"
+    return (
+        f"{peak}; time: median of {steps} steps in {timed_in}, where each remat point and the PyTorch "
+        "point it is compared with run step by step in turn (a ratio within one run); "
+        f"{pairs} such processes per pair, and the median of their ratios (and of their medians)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="gpt")
@@ -214,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument(
         "--pairs", type=int, default=3, help="fresh processes per timed pair; the median ratio is used (default 3)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / "benchmarks" / "results",
+        help="folder for budget_sweep_<model>.md and .json (default benchmarks/results)",
     )
     args = parser.parse_args(argv)
     if args.pairs < 1:
@@ -233,10 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         f"machine: {machine_summary(machine(), args.threads)}",
         f"model: {spec_summary(spec)}",
         f"step: forward, loss, backward (no optimizer); parameters, buffers and inputs: {resident / MIB:.1f} MiB",
-        "peak: VmHWM - VmRSS across one step in a fresh process with MALLOC_MMAP_THRESHOLD_=131072; "
-        f"time: median of {args.steps} steps in a fresh process without it, where each remat point "
-        "and the PyTorch point it is compared with run step by step in turn (a ratio within one run); "
-        f"{args.pairs} such processes per pair, and the median of their ratios (and of their medians)",
+        method(args.steps, args.pairs),
         "",
     ]
     print("\n".join(header), flush=True)
@@ -269,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         f"sweep took {time.perf_counter() - started:.0f} s",
     ]
     print("\n" + "\n".join(body), flush=True)
-    results = REPO_ROOT / "benchmarks" / "results"
+    results = args.out
     results.mkdir(parents=True, exist_ok=True)
     (results / f"budget_sweep_{args.model}.md").write_text("\n".join(header) + "\n" + "\n".join(body) + "\n")
     record = {"command": command, "resident_bytes": resident, "rows": [dataclasses.asdict(r) for r in [*pytorch, *paired, *extra, lowest]]}
