@@ -162,6 +162,18 @@ def mark_must_recompute(node: fx.Node) -> None:
     node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
 
 
+BACKWARD_COPY = "remat_backward_copy"  # node.meta key; the partitioner copies meta to the graphs it makes
+
+
+def mark_backward_copy(node: fx.Node) -> None:
+    """Tag ``node`` as a backward copy (``passes.backward_copies``): it runs where it is."""
+    node.meta[BACKWARD_COPY] = True
+
+
+def is_backward_copy(node: fx.Node) -> bool:
+    return bool(node.meta.get(BACKWARD_COPY))
+
+
 # --- tags (remat.tag) -------------------------------------------------------------
 #
 # ``remat.tag(x, name)`` traces ``aten.alias(x)`` inside ``torch.fx.traceback.annotate``
@@ -382,24 +394,27 @@ class _JointPrePass(CustomGraphPass):
 
 @functools.cache
 def _no_extern_pull_choices() -> type:
-    """Inductor's fusion heuristics, less the fusions that pull an extern kernel ahead.
+    """Inductor's fusion heuristics, less the fusions that pull an extern kernel ahead
+    or move a backward copy across one.
 
     Two kernels fuse into one that runs where the earlier ran, and what the later one
     needs from in between runs before it (``Scheduler.topological_sort_schedule``): a
     recomputed GELU fused with its backward pulls the matmul that makes the backward's
     input ahead of the weight-gradient matmul that reads the GELU, and the three 4 MiB
-    values of a GPT layer's MLP meet again (``passes.weight_gradients``). remat's
-    compiles refuse such fusions (``cost_models.fusion`` models them so); the kernels
-    then each read their inputs once more. ``uuid`` keys Inductor's graph cache. The
-    class stands in for Inductor's default choices: a choices class the user set is
-    not used in remat's compiles."""
+    values of a GPT layer's MLP meet again (``passes.weight_gradients``). A backward
+    copy (``passes.backward_copies``) fused into the kernel that makes its input runs
+    early again and holds what it was made to free. remat's compiles refuse such
+    fusions (``cost_models.fusion`` models them so); the kernels then each read their
+    inputs once more. ``uuid`` keys Inductor's graph cache. The class stands in for
+    Inductor's default choices: a choices class the user set is not used in remat's
+    compiles."""
     from torch._inductor.choices import InductorChoices
     from torch._inductor.scheduler import ExternKernelSchedulerNode
 
     class NoExternPull(InductorChoices):
         @staticmethod
         def uuid() -> str:
-            return "remat-no-extern-pull-1"  # change it with the rule: it keys cached graphs
+            return "remat-no-extern-pull-2"  # change it with the rule: it keys cached graphs
 
         @staticmethod
         def can_fuse(scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:
@@ -412,8 +427,20 @@ def _no_extern_pull_choices() -> type:
                 return True
             # what the fused kernel needs and runs between its parts would run before it
             between = range(bisect.bisect_right(extern_places, min(places)), bisect.bisect_left(extern_places, max(places)))
+            if between and (NoExternPull._has_copy(node1) or NoExternPull._has_copy(node2)):
+                return False
             return not any(
                 name in node1.ancestors or name in node2.ancestors for i in between for name in extern_names[i]
+            )
+
+        @staticmethod
+        def _has_copy(node: Any) -> bool:
+            """Whether a scheduler node computes a backward copy (its FX origins say)."""
+            return any(
+                is_backward_copy(origin)
+                for part in node.get_nodes()
+                if part.node is not None
+                for origin in part.node.get_origins()
             )
 
         @staticmethod
@@ -468,6 +495,17 @@ def no_extern_pulls() -> Iterator[None]:
             yield
     finally:
         choices._last = (None, 0, None)  # the scheduler's nodes go with the compile
+
+
+def graph_code(gm: fx.GraphModule, inputs: Sequence[Any]) -> str:
+    """The code Inductor generates for the aten graph ``gm`` compiled as remat compiles
+    its forward and backward graphs (``no_extern_pulls``; tests read its kernels)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.utils import run_and_get_code
+
+    with no_extern_pulls():
+        _, codes = run_and_get_code(lambda: compile_fx_inner(gm, list(inputs)))
+    return codes[0]
 
 
 def generated_code(compiled: Callable[..., Any], *args: Any) -> str:

@@ -171,6 +171,38 @@ def test_inductor_under_remat_leaves_the_matmul_in_place() -> None:
         assert calls(internals.generated_code(torch.compile(_pulls_a_matmul), *args)) == ["kernel", "mm", "mm", "kernel"]
 
 
+def _copy_made_late(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel that reads what an earlier kernel makes, after a matmul: Inductor fuses
+    it into the earlier kernel, ahead of the matmul (a backward copy made early again)."""
+    a = (x * 2).relu()  # stored: the matmul reads it
+    h = a @ w
+    b = (a * 3).relu()
+    return h, b @ w
+
+
+def _marked_copy_graph(mark: bool) -> torch.fx.GraphModule:
+    gm = make_fx(_copy_made_late, tracing_mode="fake")(torch.randn(256, 256), torch.randn(256, 256))
+    if mark:
+        for node in gm.graph.nodes:
+            if node.name in ("mul_1", "relu_1"):
+                internals.mark_backward_copy(node)
+    return gm
+
+
+@pytest.mark.parametrize("mark", [False, True])
+def test_a_backward_copy_is_not_fused_across_an_extern_kernel(mark: bool) -> None:
+    """In the model and in Inductor's code under ``no_extern_pulls``: unmarked, the
+    later kernel runs in the earlier one, before the matmul; marked as a backward copy
+    (``passes.backward_copies``), it stays after it."""
+    gm = _marked_copy_graph(mark)
+    relu, relu_1 = (next(n for n in gm.graph.nodes if n.name == name) for name in ("relu", "relu_1"))
+    assert (_fusion(gm.graph).runs_with.get(relu_1) is relu) is not mark
+    code = internals.graph_code(gm, (torch.randn(256, 256), torch.randn(256, 256)))
+    body = code[code.index("def call(") :]
+    calls = ["mm" if "extern_kernels.mm(" in line else "kernel" for line in body.splitlines() if "extern_kernels.mm(" in line or "cpp_fused" in line]
+    assert calls == (["kernel", "mm", "kernel", "mm"] if mark else ["kernel", "mm", "mm"])
+
+
 def test_fused_independent_kernels_far_apart_stay_apart() -> None:
     """Two kernels that read the same value but not each other's results fuse only
     when few scheduled nodes lie between them (``Scheduler.are_long_distant_nodes``):

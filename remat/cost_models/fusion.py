@@ -62,6 +62,7 @@ gradients ran first (``passes.weight_gradients``); the two now agree.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import operator
@@ -71,7 +72,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import inductor_fallback_random, is_builtin_op, is_op_overload, size_hint
+from remat._torch_internals import inductor_fallback_random, is_backward_copy, is_builtin_op, is_op_overload, size_hint
 from remat.cost_models.sizes import node_storage_bytes, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 
@@ -616,6 +617,7 @@ class _Schedule:
         self.outside = {node: set(needs[node]) for node in kernels}  # what each group needs from elsewhere
         self.reduction = {node: _reduction_ranges(node) for node in kernels}  # a group's, None without one
         self.index = index
+        self.externs = sorted(index[node] for node in scheduled if node not in kernels)  # their places
         self.place: dict[fx.Node, float] = dict(index)
         self.moved: dict[int, list[float]] = {}  # places given to moved nodes, by the index they run before
 
@@ -625,12 +627,14 @@ class _Schedule:
     def fuse(self, first: fx.Node, second: fx.Node) -> None:
         """Fuse the group of ``second`` into that of ``first`` (the earlier), pulling
         what it needs ahead, unless their reductions run over different ranges, the
-        fused kernel would need its own result (a cycle) or an extern kernel would be
-        pulled."""
+        fused kernel would need its own result (a cycle), an extern kernel would be
+        pulled or a backward copy would move across one."""
         reductions = {self.reduction[first], self.reduction[second]} - {None}
         if len(reductions) > 1 or self._far_apart(first, second):
             return
         fused = self.members[first] | self.members[second]
+        if self._moves_a_copy(fused):
+            return
         wanted = (self.outside[first] | self.outside[second]) - fused
         ahead = self._needed_after(wanted, self.place[first], fused)
         if ahead is None or any(node not in self.leader for node in ahead):
@@ -646,6 +650,14 @@ class _Schedule:
         self.span[first] = (min(low, low2), max(high, high2))
         self.outside[first] = wanted
         del self.outside[second]
+
+    def _moves_a_copy(self, fused: set[fx.Node]) -> bool:
+        """Whether ``fused`` holds a backward copy and an extern kernel runs between its
+        parts (``_torch_internals.no_extern_pulls`` refuses that fusion)."""
+        if not any(is_backward_copy(node) for node in fused):
+            return False
+        places = [self.place[node] for node in fused]
+        return bisect.bisect_left(self.externs, max(places)) > bisect.bisect_right(self.externs, min(places))
 
     def _far_apart(self, first: fx.Node, second: fx.Node) -> bool:
         """Inductor fuses two groups of which neither depends on the other (a

@@ -142,15 +142,26 @@ def _after_heavy_ops(valleys: np.ndarray, crossing: np.ndarray, forward: Sequenc
 def _attach_unclaimed(graph: fx.Graph, info: JointInfo, runs: list[list[fx.Node]]) -> None:
     """Nodes that only forward values feed but only the backward reads (the
     partitioner calls them unclaimed) may be kept or recomputed like forward nodes:
-    each joins the segment of its latest input."""
+    each joins the segment of its latest input, or, where only unclaimed nodes of
+    later segments read it (a late backward copy's embedding lookup and LayerNorm
+    statistics, read by its normalization in the next segment), the earliest of
+    theirs: as an input of that segment it would be kept."""
     segment_of = {node: i for i, run in enumerate(runs) for node in run}
+    unclaimed = []
     for node in graph.nodes:
         if node.op != "call_function" or node in info.required_fw or node in info.required_bw:
             continue
         owners = [segment_of[a] for a in node.all_input_nodes if a in segment_of]
         if owners:
             segment_of[node] = max(owners)
-            runs[segment_of[node]].append(node)
+            unclaimed.append(node)
+    moved: dict[fx.Node, int] = {}
+    for node in reversed(unclaimed):
+        readers = [moved.get(u, segment_of.get(u)) for u in node.users]
+        if readers and None not in readers and min(readers) > segment_of[node]:
+            moved[node] = min(readers)
+    for node in unclaimed:
+        runs[moved.get(node, segment_of[node])].append(node)
 
 
 def _signature(nodes: Sequence[fx.Node], info: JointInfo) -> tuple:

@@ -55,6 +55,33 @@ def weight_gradients_first(graph: fx.Graph) -> int:
     return moved
 
 
+def gradient_matmul_behind(reader: fx.Node) -> fx.Node | None:
+    """The weight-gradient matmul that ``reader`` is (or feeds through views it alone
+    reads), if any."""
+    node = reader
+    while node.op == "call_function" and is_view(node) and len(node.users) == 1:
+        node = next(iter(node.users))
+    return node if node.target is aten.mm.default and _is_gradient(node) else None
+
+
+def move_behind_sibling(matmul: fx.Node, graph: fx.Graph) -> fx.Node:
+    """Move the weight-gradient ``matmul`` (with its own views) back to just after its
+    input-gradient sibling, where ``weight_gradients_first`` had moved it ahead of it;
+    returns its first node (unmoved where no reader of ``dy`` follows it)."""
+    backward = backward_nodes(graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    chain = sorted(_with_own_views(matmul, backward), key=order.__getitem__)
+    inputs = [a for member in chain for a in member.all_input_nodes if a not in chain]
+    later = [r for r in _readers(inputs, backward, set(chain)) if order[r] > order[matmul]]
+    if later:
+        at = min(later, key=order.__getitem__)
+        outputs = _views_of(matmul)  # they must follow it
+        for member in [*chain, *sorted(outputs, key=order.__getitem__)]:
+            at.append(member)
+            at = member
+    return chain[0]
+
+
 def _readers(inputs: list[fx.Node], backward: set[fx.Node], chain: set[fx.Node]) -> list[fx.Node]:
     """The ops outside ``chain`` that read one of the backward's ``inputs``, directly
     or through views."""
@@ -85,6 +112,18 @@ def _is_gradient(node: fx.Node) -> bool:
             return False
         pending.extend(user.users)
     return True
+
+
+def _views_of(node: fx.Node) -> set[fx.Node]:
+    """The views (of views) of ``node``."""
+    found: set[fx.Node] = set()
+    pending = list(node.users)
+    while pending:
+        user = pending.pop()
+        if user.op == "call_function" and is_view(user) and user not in found:
+            found.add(user)
+            pending.extend(user.users)
+    return found
 
 
 def _with_own_views(node: fx.Node, backward: set[fx.Node]) -> set[fx.Node]:
