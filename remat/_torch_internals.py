@@ -162,16 +162,18 @@ def mark_must_recompute(node: fx.Node) -> None:
     node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
 
 
-BACKWARD_COPY = "remat_backward_copy"  # node.meta key; the partitioner copies meta to the graphs it makes
+LATE_COPY = "remat_late_copy"  # node.meta key; the partitioner copies meta to the graphs it makes
 
 
-def mark_backward_copy(node: fx.Node) -> None:
-    """Tag ``node`` as a backward copy (``passes.backward_copies``): it runs where it is."""
-    node.meta[BACKWARD_COPY] = True
+def mark_late_copy(node: fx.Node) -> None:
+    """Tag ``node`` as a late backward copy (``passes.backward_copies``): it runs where
+    it is. Skip-connection copies are not tagged: Inductor keeps them apart by distance,
+    and their plans were measured so."""
+    node.meta[LATE_COPY] = True
 
 
-def is_backward_copy(node: fx.Node) -> bool:
-    return bool(node.meta.get(BACKWARD_COPY))
+def is_late_copy(node: fx.Node) -> bool:
+    return bool(node.meta.get(LATE_COPY))
 
 
 # --- tags (remat.tag) -------------------------------------------------------------
@@ -395,15 +397,15 @@ class _JointPrePass(CustomGraphPass):
 @functools.cache
 def _no_extern_pull_choices() -> type:
     """Inductor's fusion heuristics, less the fusions that pull an extern kernel ahead
-    or move a backward copy across one.
+    or move a late backward copy across one.
 
     Two kernels fuse into one that runs where the earlier ran, and what the later one
     needs from in between runs before it (``Scheduler.topological_sort_schedule``): a
     recomputed GELU fused with its backward pulls the matmul that makes the backward's
     input ahead of the weight-gradient matmul that reads the GELU, and the three 4 MiB
-    values of a GPT layer's MLP meet again (``passes.weight_gradients``). A backward
-    copy (``passes.backward_copies``) fused into the kernel that makes its input runs
-    early again and holds what it was made to free. remat's compiles refuse such
+    values of a GPT layer's MLP meet again (``passes.weight_gradients``). A late
+    backward copy (``passes.backward_copies``) fused into the kernel that makes its
+    input runs early again and holds what it was made to free. remat's compiles refuse such
     fusions (``cost_models.fusion`` models them so); the kernels then each read their
     inputs once more. ``uuid`` keys Inductor's graph cache. The class stands in for
     Inductor's default choices: a choices class the user set is not used in remat's
@@ -435,9 +437,9 @@ def _no_extern_pull_choices() -> type:
 
         @staticmethod
         def _has_copy(node: Any) -> bool:
-            """Whether a scheduler node computes a backward copy (its FX origins say)."""
+            """Whether a scheduler node computes a late backward copy (its FX origins say)."""
             return any(
-                is_backward_copy(origin)
+                is_late_copy(origin)
                 for part in node.get_nodes()
                 if part.node is not None
                 for origin in part.node.get_origins()

@@ -173,7 +173,7 @@ def test_inductor_under_remat_leaves_the_matmul_in_place() -> None:
 
 def _copy_made_late(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A kernel that reads what an earlier kernel makes, after a matmul: Inductor fuses
-    it into the earlier kernel, ahead of the matmul (a backward copy made early again)."""
+    it into the earlier kernel, ahead of the matmul (a late backward copy made early again)."""
     a = (x * 2).relu()  # stored: the matmul reads it
     h = a @ w
     b = (a * 3).relu()
@@ -185,14 +185,14 @@ def _marked_copy_graph(mark: bool) -> torch.fx.GraphModule:
     if mark:
         for node in gm.graph.nodes:
             if node.name in ("mul_1", "relu_1"):
-                internals.mark_backward_copy(node)
+                internals.mark_late_copy(node)
     return gm
 
 
 @pytest.mark.parametrize("mark", [False, True])
-def test_a_backward_copy_is_not_fused_across_an_extern_kernel(mark: bool) -> None:
+def test_a_late_backward_copy_is_not_fused_across_an_extern_kernel(mark: bool) -> None:
     """In the model and in Inductor's code under ``no_extern_pulls``: unmarked, the
-    later kernel runs in the earlier one, before the matmul; marked as a backward copy
+    later kernel runs in the earlier one, before the matmul; marked as a late backward copy
     (``passes.backward_copies``), it stays after it."""
     gm = _marked_copy_graph(mark)
     relu, relu_1 = (next(n for n in gm.graph.nodes if n.name == name) for name in ("relu", "relu_1"))

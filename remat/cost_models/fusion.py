@@ -72,7 +72,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import inductor_fallback_random, is_backward_copy, is_builtin_op, is_op_overload, size_hint
+from remat._torch_internals import inductor_fallback_random, is_late_copy, is_builtin_op, is_op_overload, size_hint
 from remat.cost_models.sizes import node_storage_bytes, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 
@@ -628,7 +628,7 @@ class _Schedule:
         """Fuse the group of ``second`` into that of ``first`` (the earlier), pulling
         what it needs ahead, unless their reductions run over different ranges, the
         fused kernel would need its own result (a cycle), an extern kernel would be
-        pulled or a backward copy would move across one."""
+        pulled or a late backward copy would move across one."""
         reductions = {self.reduction[first], self.reduction[second]} - {None}
         if len(reductions) > 1 or self._far_apart(first, second):
             return
@@ -652,9 +652,9 @@ class _Schedule:
         del self.outside[second]
 
     def _moves_a_copy(self, fused: set[fx.Node]) -> bool:
-        """Whether ``fused`` holds a backward copy and an extern kernel runs between its
+        """Whether ``fused`` holds a late backward copy and an extern kernel runs between its
         parts (``_torch_internals.no_extern_pulls`` refuses that fusion)."""
-        if not any(is_backward_copy(node) for node in fused):
+        if not any(is_late_copy(node) for node in fused):
             return False
         places = [self.place[node] for node in fused]
         return bisect.bisect_left(self.externs, max(places)) > bisect.bisect_right(self.externs, min(places))

@@ -24,20 +24,22 @@ attention's backward to that weight gradient (1 MiB at the lowest peak of the GP
 the budget sweep). Its copy, made from the normalized values the LayerNorm backward
 reads later anyway, is made where the weight gradient runs. Inductor would fuse the
 copy into the kernel that makes its input and so run it early again; remat's compiles
-refuse to fuse a copy across an extern kernel (``_torch_internals.no_extern_pulls``,
-modelled in ``cost_models.fusion``).
+refuse to fuse a late copy across an extern kernel (``_torch_internals.no_extern_pulls``,
+modelled in ``cost_models.fusion``). Skip-connection copies are left to Inductor's
+distance rule, under which their plans were measured.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import JointInfo, is_primal, mark_backward_copy, mark_must_recompute
+from remat._torch_internals import JointInfo, is_primal, mark_late_copy, mark_must_recompute
 from remat.cost_models.fusion import inlined_by_inductor, is_reduction
 from remat.cost_models.sizes import node_storage_bytes, tensors_in
 from remat.passes.recompute_rules import ban_reason, is_view
@@ -53,12 +55,14 @@ STATISTIC_RATIO = 8  # a value read by the backward, this many times smaller, is
 class BackwardCopy:
     """The chain of forward ops to copy (in graph order, ending with ``value``), and
     the node the copies are placed before (the first reader in the backward);
-    ``behind_sibling``: that reader leads to a weight-gradient matmul, which moves
-    back behind its input-gradient sibling first (``find_late_copies``)."""
+    ``late``: found by ``find_late_copies``, and so never fused across an extern
+    kernel; ``behind_sibling``: that reader leads to a weight-gradient matmul, which
+    moves back behind its input-gradient sibling first."""
 
     value: fx.Node
     chain: tuple[fx.Node, ...]
     before: fx.Node
+    late: bool = False
     behind_sibling: bool = False
 
 
@@ -76,7 +80,7 @@ def with_backward_copies(graph: fx.Graph, info: JointInfo, copies: list[Backward
         tangents_closure=frozenset(mapping[n] for n in info.tangents_closure),
     )
     twin_copies = [
-        BackwardCopy(mapping[c.value], tuple(mapping[n] for n in c.chain), mapping[c.before], c.behind_sibling)
+        dataclasses.replace(c, value=mapping[c.value], chain=tuple(mapping[n] for n in c.chain), before=mapping[c.before])
         for c in copies
     ]
     insert_backward_copies(twin, twin_copies, twin_info)
@@ -140,7 +144,7 @@ def _find(
             continue
         copied.update(chain)
         before = min((u for n in chain for u in _backward_readers(n, info)), key=order.__getitem__)
-        found.append(BackwardCopy(value, chain, before, behind_siblings and _widening(value, before)))
+        found.append(BackwardCopy(value, chain, before, late, behind_siblings and _widening(value, before)))
     return found
 
 
@@ -159,8 +163,8 @@ def insert_backward_copies(graph: fx.Graph, copies: list[BackwardCopy], info: Jo
     """Copy each chain before its first backward reader and let every backward reader
     of the chain read the copies; returns the new nodes. Each copy gets a value of its
     own (new storage: simulators tell storages apart by their fake tensors) and is
-    marked must-recompute (keeping it would keep the same bytes twice) and as a copy
-    (Inductor must not fuse it into a kernel far ahead)."""
+    marked must-recompute (keeping it would keep the same bytes twice); a late copy is
+    marked as one (Inductor must not fuse it into a kernel far ahead)."""
     made: set[fx.Node] = set()
     for found in copies:
         duplicates: dict[fx.Node, fx.Node] = {}
@@ -175,7 +179,8 @@ def insert_backward_copies(graph: fx.Graph, copies: list[BackwardCopy], info: Jo
                 with tensors_in(node.meta["val"])[0].fake_mode:
                     duplicate.meta["val"] = duplicate.target(*args, **kwargs)
                 mark_must_recompute(duplicate)
-                mark_backward_copy(duplicate)
+                if found.late:
+                    mark_late_copy(duplicate)
                 duplicates[node] = duplicate
         made.update(duplicates.values())
         for node, duplicate in duplicates.items():
