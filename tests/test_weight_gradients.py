@@ -14,7 +14,7 @@ import torch.nn as nn
 import remat
 import remat.partition as partition
 from remat.passes.recompute_rules import is_view
-from remat.passes.weight_gradients import weight_gradients_first
+from remat.passes.weight_gradients import gradient_matmul_behind, move_behind_sibling, weight_gradients_first
 from benchmarks.measure import WithLoss
 from tests.zoo import make_gpt, make_mlp
 
@@ -105,6 +105,38 @@ def test_the_reordered_joint_graph_computes_the_same_bits(joint_before: dict[str
     assert all((e is None and g is None) or torch.equal(e, g) for e, g in zip(expected, got, strict=True))
     assert [n.name for n in after.graph.nodes] != [n.name for n in before.graph.nodes]
     after.graph.lint()
+
+
+def test_a_weight_gradient_moves_back_behind_its_sibling(joint_before: dict[str, Any]) -> None:
+    """``move_behind_sibling`` (for a late copy of a widening matmul's input) undoes
+    the pass for one matmul: it then runs right after the matmul that reads its ``dy``,
+    the graph stays valid and computes the same bits; it stays where it is when a node
+    that must follow it runs at or before that sibling."""
+    case = make_mlp()
+    remat.plan(WithLoss(case.model, case.loss_fn), *case.inputs, on_plan_failure="raise")
+    after = joint_before["after"]
+    graph = after.graph
+    backward = _tangent_readers(graph)
+    matmuls = [m for m in graph.find_nodes(op="call_function", target=aten.mm.default) if m in backward]
+    moved = [m for m in matmuls if gradient_matmul_behind(m) is m]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    matmul = moved[0]
+    sibling = min((m for m in matmuls if m is not matmul and order[m] > order[matmul]), key=order.__getitem__)
+    # the sibling itself must follow: no move
+    move_behind_sibling(matmul, graph, ahead_of=[sibling])
+    assert list(graph.nodes) == list(order)
+    move_behind_sibling(matmul, graph)
+    nodes = list(graph.nodes)
+    assert nodes.index(matmul) > nodes.index(sibling)
+    graph.lint()
+    after.recompile()
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(v.shape, generator=generator, dtype=v.dtype) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
+        for v in (p.meta["val"] for p in graph.find_nodes(op="placeholder"))
+    ]
+    expected, got = (_flat(fx.Interpreter(module).run(*inputs)) for module in (joint_before["before"], after))
+    assert all((e is None and g is None) or torch.equal(e, g) for e, g in zip(expected, got, strict=True))
 
 
 def test_weight_gradients_first_lowers_the_peak(monkeypatch: pytest.MonkeyPatch) -> None:

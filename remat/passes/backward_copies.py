@@ -171,7 +171,8 @@ def insert_backward_copies(graph: fx.Graph, copies: list[BackwardCopy], info: Jo
         before = found.before
         matmul = gradient_matmul_behind(before) if found.behind_sibling else None
         if matmul is not None:
-            before = move_behind_sibling(matmul, graph)
+            readers = [u for node in found.chain for u in _backward_readers(node, info)]
+            before = move_behind_sibling(matmul, graph, ahead_of=readers)
         with graph.inserting_before(before):
             for node in found.chain:
                 duplicate = graph.node_copy(node, lambda arg: duplicates.get(arg, arg))

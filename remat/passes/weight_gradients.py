@@ -18,6 +18,8 @@ matmul back ahead; remat's Inductor compiles refuse such fusions
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.fx as fx
 
@@ -64,17 +66,20 @@ def gradient_matmul_behind(reader: fx.Node) -> fx.Node | None:
     return node if node.target is aten.mm.default and _is_gradient(node) else None
 
 
-def move_behind_sibling(matmul: fx.Node, graph: fx.Graph) -> fx.Node:
+def move_behind_sibling(matmul: fx.Node, graph: fx.Graph, ahead_of: Iterable[fx.Node] = ()) -> fx.Node:
     """Move the weight-gradient ``matmul`` (with its own views) back to just after its
     input-gradient sibling, where ``weight_gradients_first`` had moved it ahead of it;
-    returns its first node (unmoved where no reader of ``dy`` follows it)."""
+    returns its first node. Unmoved where no reader of ``dy`` follows it, or where the
+    sibling runs after a node of ``ahead_of`` (what must still come after the first
+    node: the other readers of a copy made just before it)."""
     backward = backward_nodes(graph)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    chain = sorted(_with_own_views(matmul, backward), key=order.__getitem__)
-    inputs = [a for member in chain for a in member.all_input_nodes if a not in chain]
-    later = [r for r in _readers(inputs, backward, set(chain)) if order[r] > order[matmul]]
-    if later:
-        at = min(later, key=order.__getitem__)
+    members = _with_own_views(matmul, backward)
+    chain = sorted(members, key=order.__getitem__)
+    inputs = [a for member in chain for a in member.all_input_nodes if a not in members]
+    later = [r for r in _readers(inputs, backward, members) if order[r] > order[matmul]]
+    at = min(later, key=order.__getitem__, default=None)
+    if at is not None and all(order[at] < order[n] for n in ahead_of if n not in members):
         outputs = _views_of(matmul)  # they must follow it
         for member in [*chain, *sorted(outputs, key=order.__getitem__)]:
             at.append(member)
