@@ -7,6 +7,7 @@ import copy
 import gc
 import re
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -251,6 +252,24 @@ def test_backward_copies_lower_a_plan_that_recomputes_the_decoder(
     modelled = simulate_order(step_order(captured["joint"], captured["chosen"], captured["n"]), fused=True)
     assert modelled.positions == real.positions
     assert modelled.live_bytes == real.live_bytes
+
+
+def test_outcomes_rank_meeting_the_budget_then_time_and_peaks_apart_by_more_than_noise() -> None:
+    """Of two solved graphs (with and without copies): the one that meets the budget;
+    of two that do, the faster; of two that miss it, the lower peak, unless the peaks
+    are within ``SAME_PEAK`` of each other, where the faster wins."""
+    missed = SimpleNamespace()  # stands in for the InfeasibleBudget of a plan that misses
+
+    def outcome(peak: int, seconds: float, meets: bool) -> Any:
+        return solver._Outcome(None, SimpleNamespace(seconds=seconds), None, peak, None if meets else missed)  # type: ignore[arg-type]
+
+    assert outcome(100, 2.0, True).better_than(outcome(50, 1.0, False))
+    assert outcome(100, 1.0, True).better_than(outcome(90, 2.0, True))
+    assert outcome(90, 2.0, False).better_than(outcome(100, 1.0, False))
+    peak = 100 * 2**20
+    close = int(peak * (1 - solver.SAME_PEAK / 2))
+    assert outcome(peak, 1.0, False).better_than(outcome(close, 2.0, False))
+    assert not outcome(close, 2.0, False).better_than(outcome(peak, 1.0, False))
 
 
 def test_an_infeasible_budget_reports_the_lowest_peak_of_the_graphs_tried(captured: dict[str, Any]) -> None:
