@@ -405,11 +405,11 @@ def _no_extern_pull_choices() -> type:
     input ahead of the weight-gradient matmul that reads the GELU, and the three 4 MiB
     values of a GPT layer's MLP meet again (``passes.weight_gradients``). A late
     backward copy (``passes.backward_copies``) fused into the kernel that makes its
-    input runs early again and holds what it was made to free. remat's compiles refuse such
-    fusions (``cost_models.fusion`` models them so); the kernels then each read their
-    inputs once more. ``uuid`` keys Inductor's graph cache. The class stands in for
-    Inductor's default choices: a choices class the user set is not used in remat's
-    compiles."""
+    input runs early again and holds what it was made to free. remat's compiles
+    refuse such fusions (``cost_models.fusion`` models them so); the kernels then each
+    read their inputs once more. ``uuid`` keys Inductor's graph cache. The class
+    stands in for Inductor's default choices: a choices class the user set is not
+    used in remat's compiles."""
     from torch._inductor.choices import InductorChoices
     from torch._inductor.scheduler import ExternKernelSchedulerNode
 

@@ -31,9 +31,9 @@ distance rule, under which their plans were measured.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +117,7 @@ def find_late_copies(graph: fx.Graph, info: JointInfo, behind_siblings: bool) ->
     hold (Inductor allocates all results of a run of kernels between two extern
     kernels before the run: the GELU's input, 4 MiB on the budget sweep's GPT). The
     solver tries both placements."""
+
     def read_by_the_forward(value: fx.Node) -> bool:
         return any(u in info.required_fw for u in value.users)
 
@@ -194,7 +195,9 @@ def insert_backward_copies(graph: fx.Graph, copies: list[BackwardCopy], info: Jo
 def _copyable(node: fx.Node, info: JointInfo, late: bool) -> bool:
     """An op the copy may repeat: pointwise or a view; for late copies a reduction too
     (a LayerNorm's statistics) and the parts of a multi-output one."""
-    generated = inlined_by_inductor(node) or is_view(node) or (late and (is_reduction(node) or node.target is operator.getitem))
+    generated = inlined_by_inductor(node) or is_view(node)
+    if late:
+        generated = generated or is_reduction(node) or node.target is operator.getitem
     return node.op == "call_function" and node in info.required_fw and generated and ban_reason(node) is None
 
 

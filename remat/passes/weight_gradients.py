@@ -14,6 +14,10 @@ Only the order changes: the same ops on the same values, so the gradients are
 bit-identical. Inductor keeps the order unless a fusion pulls the input-gradient
 matmul back ahead; remat's Inductor compiles refuse such fusions
 (``_torch_internals.no_extern_pulls``).
+
+``move_behind_sibling`` undoes the move for one matmul: a late backward copy of its
+input is better made after the input gradient where the matmul widens
+(``passes.backward_copies``).
 """
 
 from __future__ import annotations
