@@ -118,9 +118,9 @@ def test_a_weight_gradient_moves_back_behind_its_sibling(joint_before: dict[str,
     graph = after.graph
     backward = _tangent_readers(graph)
     matmuls = [m for m in graph.find_nodes(op="call_function", target=aten.mm.default) if m in backward]
-    moved = [m for m in matmuls if gradient_matmul_behind(m) is m]
+    gradients = [m for m in matmuls if gradient_matmul_behind(m) is m]
     order = {node: i for i, node in enumerate(graph.nodes)}
-    matmul = moved[0]
+    matmul = gradients[0]
     sibling = min((m for m in matmuls if m is not matmul and order[m] > order[matmul]), key=order.__getitem__)
     # the sibling itself must follow: no move
     move_behind_sibling(matmul, graph, ahead_of=[sibling])
