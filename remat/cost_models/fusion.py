@@ -72,7 +72,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import inductor_fallback_random, is_late_copy, is_builtin_op, is_op_overload, size_hint
+from remat._torch_internals import inductor_fallback_random, is_builtin_op, is_late_copy, is_op_overload, size_hint
 from remat.cost_models.sizes import node_storage_bytes, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 

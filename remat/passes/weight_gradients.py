@@ -53,10 +53,7 @@ def weight_gradients_first(graph: fx.Graph) -> int:
         first = min(readers, key=order.__getitem__)
         if max(order[a] for a in inputs) >= order[first]:
             continue  # an input is made after it
-        at = first.prev
-        for member in sorted(chain, key=order.__getitem__):
-            at.append(member)
-            at = member
+        _move_after(first.prev, sorted(chain, key=order.__getitem__))
         moved += 1
     return moved
 
@@ -85,10 +82,15 @@ def move_behind_sibling(matmul: fx.Node, graph: fx.Graph, ahead_of: Iterable[fx.
     at = min(later, key=order.__getitem__, default=None)
     if at is not None and all(order[at] < order[n] for n in ahead_of if n not in members):
         outputs = _views_of(matmul)  # they must follow it
-        for member in [*chain, *sorted(outputs, key=order.__getitem__)]:
-            at.append(member)
-            at = member
+        _move_after(at, [*chain, *sorted(outputs, key=order.__getitem__)])
     return chain[0]
+
+
+def _move_after(at: fx.Node, nodes: list[fx.Node]) -> None:
+    """Place ``nodes``, in this order, right after ``at``."""
+    for node in nodes:
+        at.append(node)
+        at = node
 
 
 def _readers(inputs: list[fx.Node], backward: set[fx.Node], chain: set[fx.Node]) -> list[fx.Node]:
