@@ -26,7 +26,8 @@ parameters and inputs). Finally remat's lowest plan against the lowest PyTorch p
 Every number comes from ``benchmarks.measure`` (fresh processes, DESIGN.md
 "Measuring"); the step is forward, loss and backward (the part the compilers plan; no
 optimizer). The report, with the command, goes to ``benchmarks/results/budget_sweep_<model>.md``
-and every field the workers report to the JSON file beside it.
+and every field the workers report to the JSON file beside it, both rewritten after each
+point, so that a sweep cut off (a device's time limit) keeps what it measured.
 """
 
 from __future__ import annotations
@@ -265,9 +266,30 @@ def main(argv: list[str] | None = None) -> None:
 
     pytorch: list[Row] = []
     paired: list[Row] = []
+    extra: list[Row] = []
+    total = 2 * len(PYTORCH_BUDGETS) + len(FRACTIONS) + 1
+
+    def report(lowest: Row | None = None) -> None:
+        """Write what is measured so far (a device's time limit may cut a sweep off); the
+        checks once every point is in."""
+        rows = [*pytorch, *paired, *extra, *([lowest] if lowest else [])]
+        if lowest is None:
+            ending = [f"partial: {len(rows)} of {total} points measured so far ({time.perf_counter() - started:.0f} s)"]
+        else:
+            ending = [*[f"- {line}" for line in checks(pytorch, paired, extra, lowest)], "", f"sweep took {time.perf_counter() - started:.0f} s"]
+        body = [table(rows), "", *ending]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"budget_sweep_{args.model}.md").write_text("\n".join(header) + "\n" + "\n".join(body) + "\n")
+        record = {"command": command, "resident_bytes": resident, "complete": lowest is not None,
+                  "rows": [dataclasses.asdict(r) for r in rows]}
+        (args.out / f"budget_sweep_{args.model}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+        if lowest is not None:
+            print("\n" + "\n".join(body), flush=True)
+
     for budget in PYTORCH_BUDGETS:
         point = measure_peak(spec, Row(f"pytorch {budget}", "compile-budget", {BUDGET_OPTION: budget}), settings)
         pytorch.append(point)
+        report()
         matched = Row(
             f"remat at pytorch {budget}'s peak", "remat",
             # "closest": a budget remat cannot meet shows as a failed check, not a crash
@@ -275,28 +297,16 @@ def main(argv: list[str] | None = None) -> None:
             budget_bytes=float(point.peak_bytes),
         )
         paired.append(measure_peak(spec, matched, settings))
+        report()
         measure_pair(spec, point, matched, settings, args.pairs)
-    extra = [
-        measure_peak(spec, Row(f"remat memory_budget={f}", "remat", {"memory_budget": f, "on_infeasible": "closest"}), settings)
-        for f in FRACTIONS
-    ]
+        report()
+    for fraction in FRACTIONS:
+        options = {"memory_budget": fraction, "on_infeasible": "closest"}
+        extra.append(measure_peak(spec, Row(f"remat memory_budget={fraction}", "remat", options), settings))
+        report()
     lowest = measure_peak(spec, Row("remat lowest plan", "remat", dict(LOWEST)), settings)
     measure_pair(spec, lowest_point(pytorch), lowest, settings, args.pairs)
-
-    body = [
-        table([*pytorch, *paired, *extra, lowest]),
-        "",
-        *[f"- {line}" for line in checks(pytorch, paired, extra, lowest)],
-        "",
-        f"sweep took {time.perf_counter() - started:.0f} s",
-    ]
-    print("\n" + "\n".join(body), flush=True)
-    results = args.out
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"budget_sweep_{args.model}.md").write_text("\n".join(header) + "\n" + "\n".join(body) + "\n")
-    record = {"command": command, "resident_bytes": resident, "rows": [dataclasses.asdict(r) for r in [*pytorch, *paired, *extra, lowest]]}
-    (results / f"budget_sweep_{args.model}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-
+    report(lowest)
 
 if __name__ == "__main__":
     main()

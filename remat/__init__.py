@@ -33,7 +33,7 @@ from remat.gradcache import CLIPLoss, GradCache, InfoNCE, cached, cat_input_tens
 from remat.integrations import huggingface as _huggingface
 from remat.optimize import optimize
 from remat.options import RematOptions
-from remat.partition import RematFallbackWarning
+from remat.partition import RematFallbackWarning, RematOffloadWarning
 from remat.plan import Decision, MemoryPrediction, Plan
 from remat.planning import plan
 from remat.registry import explain, plans
@@ -66,6 +66,7 @@ __all__ = [
     "RematBudgetWarning",
     "RematCompressWarning",
     "RematFallbackWarning",
+    "RematOffloadWarning",
     "RematOptions",
     "cached",
     "cat_input_tensor",

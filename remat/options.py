@@ -92,7 +92,10 @@ class RematOptions:
         ``"auto"``: the solver chooses per value between keeping, recomputing and
         offloading under the ``memory_budget`` (required), by simulated peak and
         estimated time, transfer time not hidden by compute included. Offloads run on a
-        side stream and reloads are issued ahead of their first use (prefetch).
+        side stream and reloads are issued ahead of their first use (prefetch). On a
+        CPU, whose memory is the host's, a host copy frees nothing: ``"auto"``
+        offloads nothing there, and ``True`` offloads as asked and warns
+        (``RematOffloadWarning``).
     offload_min_bytes:
         The smallest value offloaded (bytes, or a string with a unit: ``"1MiB"``);
         smaller transfers cost more in latency than they save. Default 1 MiB.

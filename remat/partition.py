@@ -43,6 +43,10 @@ class RematFallbackWarning(UserWarning):
     """Planning failed on a graph; PyTorch's default partition was used instead."""
 
 
+class RematOffloadWarning(UserWarning):
+    """Offloading was asked for where it cannot lower the peak (a graph on the CPU)."""
+
+
 class RematPartitioner:
     """A ``partition_fn`` for AOTAutograd that hands each graph's Plan to ``on_plan``."""
 
@@ -114,6 +118,15 @@ class RematPartitioner:
 
     def _offload(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, offload: OffloadChoice) -> Offloaded:
         device = graph_device(fw.graph)
+        if device.type == "cpu":
+            warnings.warn(
+                f"remat offloads {len(offload.offloaded)} value(s) of graph {self.graph_name} to host memory as asked, "
+                "but the graph runs on the CPU, whose memory is the host's: the copies free nothing and add to the "
+                "peak and the step time. Offloading lowers the peak on CUDA devices; on a CPU leave 'offload' False "
+                "(or 'auto', which offloads nothing there) and set a memory_budget.",
+                RematOffloadWarning,
+                stacklevel=2,
+            )
         estimator = make_estimator(self.options.time_estimator, device)
         return insert_offloads(
             fw, bw, num_fwd_outputs, set(offload.offloaded), estimator, host_bandwidth(self.options, device)

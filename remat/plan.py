@@ -226,7 +226,7 @@ def estimate_time(
     run op by op), and how that was estimated."""
     estimator = make_estimator(estimator_name, graph_device(fw_module.graph))
     forward, backward = running_nodes(fw_module.graph), running_nodes(bw_module.graph)
-    fusions = (graph_fusion(fw_module.graph), graph_fusion(bw_module.graph)) if fused else None
+    fusions = (graph_fusion(fw_module.graph), graph_fusion(bw_module.graph, fw_module.graph)) if fused else None
     label = f"{estimator_name}, {'as Inductor fuses it' if fused else 'op by op'}"
     if estimator_name == "roofline":
         label += f", {estimator.profile.name} profile"  # type: ignore[attr-defined]

@@ -379,3 +379,39 @@ def test_budget_sweep_checks_catch_each_failure() -> None:
     beyond.detail["infeasible"] = True  # a budget under remat's lowest simulated peak is not checked
     lines = checks(pytorch, [row("a", 100, 98, 0.9, first), beyond], [], row("low", None, 40, 1.2, floor))
     assert "honored (peak <= 1.05 x budget, 1 feasible budgets; below remat's lowest simulated peak, so not checked: b): yes" in lines
+
+
+def test_budget_sweep_writes_what_it_measured_before_it_ends(tmp_path, monkeypatch) -> None:
+    """A sweep cut off (a device's time limit) leaves the points measured so far."""
+    from benchmarks import budget_sweep
+
+    class CutOff(Exception):
+        pass
+
+    measured: list[str] = []
+
+    def measure_peak(spec, row, settings):
+        if len(measured) == 3:
+            raise CutOff
+        measured.append(row.name)
+        row.peak_bytes = (100 - len(measured)) * 2**20
+        return row
+
+    def measure_pair(spec, baseline, row, settings, pairs):
+        row.step_s, baseline.step_s = 1.0, 1.0
+        row.detail["timed_against"] = {"name": baseline.name, "step_s": 1.0, "ratio": 1.0}
+        return 1.0
+
+    monkeypatch.setattr(budget_sweep, "resident_bytes", lambda spec: 2**20)
+    monkeypatch.setattr(budget_sweep, "measure_peak", measure_peak)
+    monkeypatch.setattr(budget_sweep, "measure_pair", measure_pair)
+    with pytest.raises(CutOff):
+        budget_sweep.main(["--model", "unet", "--out", str(tmp_path)])
+    report = (tmp_path / "budget_sweep_unet.md").read_text()
+    assert "| pytorch 1.0 | - | 99.0 | 1.000 | - |" in report
+    assert "| remat at pytorch 1.0's peak | 99.0 | 98.0 | 1.000 | - |" in report
+    assert "| pytorch 0.7 | - | 97.0 | - | - |" in report  # measured, not yet timed
+    assert "partial: 3 of 18 points measured so far" in report
+    assert "monotone" not in report  # no checks on part of a sweep
+    record = json.loads((tmp_path / "budget_sweep_unet.json").read_text())
+    assert not record["complete"] and sorted(r["name"] for r in record["rows"]) == sorted(measured)

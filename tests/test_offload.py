@@ -5,6 +5,7 @@ before it) and gradients equal to eager's. The CUDA tests skip without a GPU."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -147,9 +148,12 @@ def test_auto_offloads_nothing_on_the_cpu_where_the_host_is_the_device():
     assert any("the device is the host" in d.reason for d in plan.kept), plan
 
 
-def test_on_the_cpu_host_copies_count_as_memory():
-    plain, *_ = _graphs({})
-    moved, *_ = _graphs({"offload": True})
+def test_on_the_cpu_host_copies_count_as_memory_and_offloading_warns():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", remat.RematOffloadWarning)
+        plain, *_ = _graphs({})
+    with pytest.warns(remat.RematOffloadWarning, match=r"offloads \d+ value\(s\) .* runs on the CPU.*free nothing"):
+        moved, *_ = _graphs({"offload": True})
     assert moved.offloaded
     # the host copy and the reloaded copy are both in the same memory: no saving
     assert moved.memory.peak_bytes >= plain.memory.peak_bytes

@@ -36,7 +36,8 @@ GPT of the budget sweep, with the weight gradients first (``passes.weight_gradie
 the lowest plan measured 29.2 MiB where it measured 31.0 MiB with such fusions (scratch
 runs). A stored value only its own fused kernel reads is not
 stored after all (``remove_kernel_local_buffers``); and a kernel may write its result
-over an input it reads for the last time (``Fusion.in_place``). On the CPU,
+over an input it reads for the last time at its own index (``Fusion.in_place``), which
+a reshape of a channels-last value is not. On the CPU,
 convolutions run channels-last, without the scratch they need eagerly
 (``fused_workspace_bytes``); the kernels scheduled between two extern kernels are
 generated into one C++ function, whose results are all allocated before it runs
@@ -252,12 +253,17 @@ class Fusion:
     into_cat: dict[fx.Node, fx.Node]
 
 
-def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
+def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node], *, inputs_channels_last: bool = False) -> Fusion:
     """How Inductor compiles the graph running ``nodes`` (in order) and returning
-    ``outputs``. Readers outside ``nodes`` (another graph's) are not looked at."""
+    ``outputs``. Readers outside ``nodes`` (another graph's) are not looked at.
+    ``inputs_channels_last``: the graph's 4-d inputs come channels-last (a backward
+    whose forward Inductor lays out so, ``lays_out_channels_last``)."""
     members = set(nodes)
     returned = set(outputs)
-    layouts: dict[fx.Node, tuple[int, torch.dtype] | None] = {}
+    on_cpu = _on_cpu(nodes)
+    laid_out = on_cpu and lays_out_channels_last(nodes)
+    channels_last = _channels_last_layouts(nodes) if laid_out or on_cpu and inputs_channels_last else None
+    layouts: dict[fx.Node, tuple[object, ...] | None] = {}
     inlined: set[fx.Node] = set()
     expressions: dict[fx.Node, _Expression] = {}
     kernels: dict[fx.Node, _Expression] = {}  # stored values Inductor generates a kernel for
@@ -270,7 +276,7 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
             continue
         if not _reads_inline(node):
             continue
-        expression = _expression(node, inlined, expressions, layouts)
+        expression = _expression(node, inlined, expressions, layouts, channels_last)
         if _inlinable(node) and not _stored(node, expression, members, returned):
             inlined.add(node)
             expressions[node] = expression
@@ -278,7 +284,6 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
             kernels[node] = expression
     index = {node: i for i, node in enumerate(nodes)}
     leader, pulled = _group_kernels(kernels, index, _scheduled(nodes, inlined))
-    on_cpu = _on_cpu(nodes)
     called = _calls(nodes, kernels, inlined, leader) if on_cpu else leader
     readers: dict[fx.Node, list[fx.Node]] = {}
     for node, expression in kernels.items():
@@ -288,7 +293,7 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node]) -> Fusion:
         if _kernel_local(node, readers.get(node, []), leader, members, returned, inlined, kernels):
             inlined.add(node)
     runs_with = {node: first for node, first in called.items() if first is not node}
-    copies = _channels_last_copies(nodes, kernels, members) if on_cpu else {}
+    copies = _channels_last_copies(nodes, kernels, members, channels_last) if laid_out and channels_last is not None else {}
     returned_copies = _returned_input_copies(nodes, returned) if on_cpu else {}
     loads = {  # a value made in the same fused kernel is read where it is computed
         node: frozenset(v for v in expression.reads if leader.get(_source(v), v) is not leader[node])
@@ -341,7 +346,7 @@ def wrapper_allocates(node: fx.Node, fusion: Fusion) -> bool:
 
 
 def _channels_last_copies(
-    nodes: Sequence[fx.Node], kernels: Collection[fx.Node], members: set[fx.Node]
+    nodes: Sequence[fx.Node], kernels: Collection[fx.Node], members: set[fx.Node], channels_last: Mapping[fx.Node, bool]
 ) -> dict[tuple[fx.Node, fx.Node], fx.Node]:
     """Which convolutions read a copy. On the CPU with oneDNN, Inductor lays out a graph
     with a convolution channels-last (``GraphLowering.decide_layout_opt``): the lowerings
@@ -353,10 +358,8 @@ def _channels_last_copies(
     convolution_backward (``GraphLowering.run_node`` gives it the strides of its FX
     value); those strides are channels-last except after a reshape or an indexing op
     (the upsampling of a U-Net). Both happen in the backward of a recomputed
-    convolution: the graph without one is not laid out channels-last."""
-    if not lays_out_channels_last(nodes):
-        return {}
-    channels_last = _channels_last_layouts(nodes)
+    convolution: the graph without one is not laid out channels-last.
+    ``channels_last``: ``_channels_last_layouts``."""
     copies = {}
     for reader in nodes:
         if reader.target not in CONVOLUTIONS:
@@ -442,6 +445,13 @@ def _channels_last_layouts(nodes: Sequence[fx.Node]) -> dict[fx.Node, bool]:
         else:
             layouts[node] = False
     return layouts
+
+
+def _is_channels_last(node: fx.Node, channels_last: Mapping[fx.Node, bool] | None) -> bool:
+    """Whether Inductor stores ``node`` channels-last: as ``_channels_last_layouts``
+    says, and any 4-d input of a graph laid out so (a backward reads the saved values
+    as its forward made them)."""
+    return channels_last is not None and channels_last.get(node, _ndim(node) == 4)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -799,16 +809,17 @@ def _expression(
     node: fx.Node,
     inlined: set[fx.Node],
     expressions: Mapping[fx.Node, _Expression],
-    layouts: dict[fx.Node, tuple[int, torch.dtype] | None],
+    layouts: dict[fx.Node, tuple[object, ...] | None],
+    channels_last: Mapping[fx.Node, bool] | None,
 ) -> _Expression:
     reads: set[fx.Node] = set()
     aligned: set[fx.Node] = set()
     misaligned: set[fx.Node] = set()  # also read at another index (broadcast, transposed)
     nodes = {node}
     heavy = _packet(node) in HEAVY_ON_CPU
-    layout = _layout(node, layouts)
+    layout = _layout(node, layouts, channels_last)
     for arg in node.all_input_nodes:
-        elementwise = layout is not None and _layout(arg, layouts) == layout
+        elementwise = layout is not None and _layout(arg, layouts, channels_last) == layout
         if arg in inlined:
             inner = expressions[arg]
             reads |= inner.reads
@@ -825,13 +836,22 @@ def _expression(
     return _Expression(frozenset(reads), frozenset(aligned - misaligned), frozenset(nodes), heavy)
 
 
-def _layout(node: fx.Node, known: dict[fx.Node, tuple[int, torch.dtype] | None]) -> tuple[int, torch.dtype] | None:
-    """(elements, dtype) of a contiguous tensor value; None for anything else."""
+def _layout(
+    node: fx.Node, known: dict[fx.Node, tuple[object, ...] | None], channels_last: Mapping[fx.Node, bool] | None
+) -> tuple[object, ...] | None:
+    """(elements, dtype, channels-last) of a value contiguous in the FX graph; None for
+    anything else. ``channels_last`` (``_channels_last_layouts``; None where neither
+    the graph nor its inputs are laid out channels-last) says which values Inductor stores
+    channels-last: they line up only with each other, and a reshape of one reads it
+    in another order than its own (a GroupNorm's view of a saved convolution output),
+    so it lines up with nothing."""
     if node in known:
         return known[node]
     value = node.meta.get("val")
     layout = None
-    if isinstance(value, torch.Tensor):
+    stored_channels_last = _is_channels_last(node, channels_last)
+    reshaped = not stored_channels_last and _is_channels_last(_base(node), channels_last)
+    if isinstance(value, torch.Tensor) and not reshaped:
         expected = 1
         for size, stride in reversed(list(zip(value.shape, value.stride()))):
             size = size_hint(size)
@@ -839,7 +859,7 @@ def _layout(node: fx.Node, known: dict[fx.Node, tuple[int, torch.dtype] | None])
                 break
             expected *= size
         else:
-            layout = expected, value.dtype
+            layout = expected, value.dtype, stored_channels_last
     known[node] = layout
     return layout
 

@@ -43,7 +43,7 @@ import torch.fx as fx
 
 from remat._torch_internals import is_primal, is_tangent, storage_key
 from remat.cost_models.fusion import (
-    Fusion, fuse, fused_workspace_bytes, read_positions, wrapper_allocates,
+    Fusion, fuse, fused_workspace_bytes, lays_out_channels_last, read_positions, wrapper_allocates,
 )
 from remat.cost_models.sizes import graph_device, leaves, storage_bytes, tensor_size, tensors_in
 from remat.cost_models.transfers import Window
@@ -96,9 +96,11 @@ def running_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op not in ("placeholder", "output")]
 
 
-def graph_fusion(graph: fx.Graph) -> Fusion:
-    """How Inductor compiles an extracted graph: its running nodes, returning its outputs."""
-    return fuse(running_nodes(graph), _outputs(graph))
+def graph_fusion(graph: fx.Graph, forward: fx.Graph | None = None) -> Fusion:
+    """How Inductor compiles an extracted graph: its running nodes, returning its
+    outputs; ``forward``: the graph whose saved values a backward reads."""
+    inputs_channels_last = forward is not None and lays_out_channels_last(running_nodes(forward))
+    return fuse(running_nodes(graph), _outputs(graph), inputs_channels_last=inputs_channels_last)
 
 
 @dataclass(eq=False)
@@ -166,7 +168,7 @@ def simulate_step(
     for index, (name, graph) in enumerate(graphs):
         nodes = running_nodes(graph)
         graph_end = graph_start + len(nodes) - 1
-        fusion = graph_fusion(graph) if fused else _UNFUSED
+        fusion = graph_fusion(graph, forward if index else None) if fused else _UNFUSED
         runs_at = _kernel_positions(fusion, {n: where[n] for n in nodes})
         read_at = read_positions(nodes, runs_at, fusion)
         copies.extend(_copies(fusion, runs_at))
@@ -228,7 +230,8 @@ def simulate_step(
 
 def order_fusions(order: StepOrder) -> tuple[Fusion, Fusion]:
     """How Inductor compiles the forward and the backward graph of ``order``."""
-    return fuse(order.forward, {*order.saved, *order.user_outputs}), fuse(order.backward, order.gradients)
+    backward = fuse(order.backward, order.gradients, inputs_channels_last=lays_out_channels_last(order.forward))
+    return fuse(order.forward, {*order.saved, *order.user_outputs}), backward
 
 
 def simulate_order(
