@@ -549,6 +549,20 @@ def compile_inductor(
         return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 
 
+def allocator_events(run: Callable[[], Any]) -> list[tuple[str, int, int, int]]:
+    """Run ``run()`` once under ``torch.profiler`` with ``profile_memory=True``; every
+    event it records, by start: (name, bytes, start ns, end ns), bytes allocated
+    (negative: freed) for the allocator's ``"[memory]"`` events and 0 for ops. The
+    public ``profile.events()`` drops most allocator events of a compiled step; the
+    Kineto results keep them all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        run()
+    events = sorted(recorded.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    return [(e.name(), e.nbytes() if e.name() == "[memory]" else 0, e.start_ns(), e.end_ns()) for e in events]
+
+
 def is_op_overload(target: object) -> bool:
     """True for any registered operator overload (aten, prims or custom), whose
     schema says what it reads, writes and aliases."""

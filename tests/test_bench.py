@@ -415,3 +415,22 @@ def test_budget_sweep_writes_what_it_measured_before_it_ends(tmp_path, monkeypat
     assert "monotone" not in report  # no checks on part of a sweep
     record = json.loads((tmp_path / "budget_sweep_unet.json").read_text())
     assert not record["complete"] and sorted(r["name"] for r in record["rows"]) == sorted(measured)
+
+
+def test_allocation_timeline_follows_the_allocator_and_names_the_op() -> None:
+    from benchmarks.allocations import MIB, allocation_timeline, around_peak
+
+    size = 2**18  # float32: 1 MiB
+
+    def step() -> None:
+        a = torch.ones(size)
+        b = a * 2
+        del a
+        c = b + 1
+        del b, c
+
+    timeline = [event for event in allocation_timeline(step) if abs(event.nbytes) >= MIB]
+    assert [(e.nbytes // MIB, e.live // MIB) for e in timeline] == [(1, 1), (1, 2), (-1, 1), (1, 2), (-1, 1), (-1, 0)]
+    assert timeline[0].where.startswith("aten::ones #1 >") and timeline[1].where.startswith("aten::mul #1")
+    assert timeline[3].where.startswith("aten::add #1")
+    assert around_peak(timeline, MIB, 2) == timeline[:2]  # the first time it reaches 2 MiB
