@@ -273,15 +273,18 @@ def main(argv: list[str] | None = None) -> None:
         """Write what is measured so far (a device's time limit may cut a sweep off); the
         checks once every point is in."""
         rows = [*pytorch, *paired, *extra, *([lowest] if lowest else [])]
+        seconds = time.perf_counter() - started
         if lowest is None:
-            ending = [f"partial: {len(rows)} of {total} points measured so far ({time.perf_counter() - started:.0f} s)"]
+            ending = [f"partial: {len(rows)} of {total} points measured so far ({seconds:.0f} s)"]
         else:
-            ending = [*[f"- {line}" for line in checks(pytorch, paired, extra, lowest)], "", f"sweep took {time.perf_counter() - started:.0f} s"]
+            ending = [*[f"- {line}" for line in checks(pytorch, paired, extra, lowest)], "", f"sweep took {seconds:.0f} s"]
         body = [table(rows), "", *ending]
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"budget_sweep_{args.model}.md").write_text("\n".join(header) + "\n" + "\n".join(body) + "\n")
-        record = {"command": command, "resident_bytes": resident, "complete": lowest is not None,
-                  "rows": [dataclasses.asdict(r) for r in rows]}
+        record = {
+            "command": command, "resident_bytes": resident, "complete": lowest is not None,
+            "rows": [dataclasses.asdict(r) for r in rows],
+        }
         (args.out / f"budget_sweep_{args.model}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
         if lowest is not None:
             print("\n" + "\n".join(body), flush=True)
@@ -307,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     lowest = measure_peak(spec, Row("remat lowest plan", "remat", dict(LOWEST)), settings)
     measure_pair(spec, lowest_point(pytorch), lowest, settings, args.pairs)
     report(lowest)
+
 
 if __name__ == "__main__":
     main()

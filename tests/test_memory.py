@@ -372,7 +372,6 @@ def test_fused_convolutions_read_channels_last_copies_of_a_value_whose_layout_is
     assert simulate_step(graph, fused=True).live_bytes[made] == 2 * MIB
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="layout optimization needs oneDNN")
 def test_fused_a_reshape_of_a_channels_last_input_is_not_written_over() -> None:
     # A backward whose forward Inductor laid out channels-last reads a saved
     # convolution output channels-last. GroupNorm's reshape of it reads it in another

@@ -293,7 +293,7 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node], *, inputs_chann
         if _kernel_local(node, readers.get(node, []), leader, members, returned, inlined, kernels):
             inlined.add(node)
     runs_with = {node: first for node, first in called.items() if first is not node}
-    copies = _channels_last_copies(nodes, kernels, members, channels_last) if laid_out and channels_last is not None else {}
+    copies = _channels_last_copies(nodes, kernels, members, channels_last or {}) if laid_out else {}
     returned_copies = _returned_input_copies(nodes, returned) if on_cpu else {}
     loads = {  # a value made in the same fused kernel is read where it is computed
         node: frozenset(v for v in expression.reads if leader.get(_source(v), v) is not leader[node])
