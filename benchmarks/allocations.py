@@ -68,7 +68,8 @@ def around_peak(timeline: Sequence[Allocation], smallest: int, count: int) -> li
     """The last ``count`` allocations of at least ``smallest`` bytes before the peak, and
     the one that reaches it."""
     peak = max(range(len(timeline)), key=lambda i: timeline[i].live)
-    return [*[a for a in timeline[:peak] if abs(a.nbytes) >= smallest][-count + 1 :], timeline[peak]]
+    earlier = [a for a in timeline[:peak] if abs(a.nbytes) >= smallest]
+    return [*earlier[max(len(earlier) - count + 1, 0) :], timeline[peak]]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -434,3 +434,4 @@ def test_allocation_timeline_follows_the_allocator_and_names_the_op() -> None:
     assert timeline[0].where.startswith("aten::ones #1 >") and timeline[1].where.startswith("aten::mul #1")
     assert timeline[3].where.startswith("aten::add #1")
     assert around_peak(timeline, MIB, 2) == timeline[:2]  # the first time it reaches 2 MiB
+    assert around_peak(timeline, MIB, 1) == timeline[1:2]
