@@ -18,6 +18,7 @@ import torch.fx as fx
 from remat import _torch_internals as internals
 from remat.options import RematOptions
 from remat.passes.budget import InfeasibleBudget
+from remat.passes.gradient_slices import copy_out_waiting_slices
 from remat.passes.weight_gradients import weight_gradients_first
 from remat.passes.remat import MinCutResult, solve_min_cut
 from remat.cost_models.runtime import make_estimator
@@ -77,7 +78,8 @@ class RematPartitioner:
             return results[-1].saved
 
         try:
-            if weight_gradients_first(joint_module.graph):
+            reordered = weight_gradients_first(joint_module.graph)
+            if copy_out_waiting_slices(joint_module.graph) or reordered:
                 joint_module.recompile()
             fw, bw = internals.partition_with(
                 choose, joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs

@@ -237,7 +237,8 @@ def _choose_budgeted(
         """The best of ``current`` and the graph with each set of copies, which
         ``graph`` takes on if it wins."""
         best, chosen = current, None
-        for copies in filter(None, candidates):
+        distinct = [c for i, c in enumerate(candidates) if c and c not in candidates[:i]]  # one solve each
+        for copies in distinct:
             twin, twin_info = with_backward_copies(graph, info, copies)
             never = _NeverRecompute(options, twin)
             copied = _outcome(problem_for(twin, twin_info, find_segments(twin, twin_info), never), budget, options)

@@ -37,3 +37,44 @@ def run_ranks(worker: Callable[..., None], tmp_path: Path, world: int, deadline_
                 process.kill()
             raise AssertionError(f"the {world} workers did not finish in {deadline_s} s (a hang?)")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def spy_on_joint_pass(monkeypatch: Any, module: Any, name: str) -> dict[str, Any]:
+    """Replace the joint-graph pass ``module.name`` with a spy that records the joint
+    graph module before the pass (a copy), the module after it, and what it returned."""
+    import copy
+
+    import torch.fx as fx
+
+    found: dict[str, Any] = {}
+    run = getattr(module, name)
+
+    def spy(graph: fx.Graph) -> int:
+        owner = graph.owning_module
+        found["before"] = fx.GraphModule(owner, copy.deepcopy(graph))
+        found["after"] = owner
+        found["result"] = run(graph)
+        return found["result"]
+
+    monkeypatch.setattr(module, name, spy)
+    return found
+
+
+def assert_same_bits(before: Any, after: Any) -> None:
+    """Both joint graph modules, run on the same random inputs, return the same bits."""
+    import torch.fx as fx
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(v.shape, generator=generator, dtype=v.dtype) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
+        for v in (p.meta["val"] for p in before.graph.find_nodes(op="placeholder"))
+    ]
+
+    def flat(values: Any) -> list[Any]:
+        if isinstance(values, (list, tuple)):
+            return [leaf for value in values for leaf in flat(value)]
+        return [values]
+
+    expected, got = (flat(fx.Interpreter(module).run(*inputs)) for module in (before, after))
+    assert len(expected) == len(got) > 0
+    assert all((e is None and g is None) or torch.equal(e, g) for e, g in zip(expected, got, strict=True))

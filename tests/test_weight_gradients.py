@@ -3,7 +3,6 @@ same values, activations freed sooner."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
@@ -14,8 +13,9 @@ import torch.nn as nn
 import remat
 import remat.partition as partition
 from remat.passes.recompute_rules import is_view
-from remat.passes.weight_gradients import gradient_matmul_behind, move_behind_sibling, weight_gradients_first
+from remat.passes.weight_gradients import gradient_matmul_behind, move_behind_sibling
 from benchmarks.measure import WithLoss
+from tests.checks import assert_same_bits, spy_on_joint_pass
 from tests.zoo import make_gpt, make_mlp
 
 aten = torch.ops.aten
@@ -24,17 +24,7 @@ aten = torch.ops.aten
 @pytest.fixture
 def joint_before(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The joint graph module as it was before the pass, and the pass's count."""
-    found: dict[str, Any] = {}
-
-    def spy(graph: fx.Graph) -> int:
-        module = graph.owning_module
-        found["before"] = fx.GraphModule(module, copy.deepcopy(graph))
-        found["after"] = module
-        found["moved"] = weight_gradients_first(graph)
-        return found["moved"]
-
-    monkeypatch.setattr(partition, "weight_gradients_first", spy)
-    return found
+    return spy_on_joint_pass(monkeypatch, partition, "weight_gradients_first")
 
 
 def _base(node: fx.Node) -> fx.Node:
@@ -82,27 +72,14 @@ def test_a_gpt_backward_runs_weight_gradients_first(joint_before: dict[str, Any]
     # 2 layers x (q/k/v projection, attention output, two MLP matmuls) and the head
     assert total == total_after == 9
     assert before < total and after == total
-    assert joint_before["moved"] >= after - before
-
-
-def _flat(values: Any) -> list[Any]:
-    if isinstance(values, (list, tuple)):
-        return [leaf for value in values for leaf in _flat(value)]
-    return [values]
+    assert joint_before["result"] >= after - before
 
 
 def test_the_reordered_joint_graph_computes_the_same_bits(joint_before: dict[str, Any]) -> None:
     case = make_mlp()
     remat.plan(WithLoss(case.model, case.loss_fn), *case.inputs, on_plan_failure="raise")
     before, after = joint_before["before"], joint_before["after"]
-    generator = torch.Generator().manual_seed(0)
-    inputs = [
-        torch.randn(v.shape, generator=generator, dtype=v.dtype) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
-        for v in (p.meta["val"] for p in before.graph.find_nodes(op="placeholder"))
-    ]
-    expected, got = (_flat(fx.Interpreter(module).run(*inputs)) for module in (before, after))
-    assert len(expected) == len(got) > 0
-    assert all((e is None and g is None) or torch.equal(e, g) for e, g in zip(expected, got, strict=True))
+    assert_same_bits(before, after)
     assert [n.name for n in after.graph.nodes] != [n.name for n in before.graph.nodes]
     after.graph.lint()
 
@@ -130,13 +107,7 @@ def test_a_weight_gradient_moves_back_behind_its_sibling(joint_before: dict[str,
     assert nodes.index(matmul) > nodes.index(sibling)
     graph.lint()
     after.recompile()
-    generator = torch.Generator().manual_seed(0)
-    inputs = [
-        torch.randn(v.shape, generator=generator, dtype=v.dtype) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
-        for v in (p.meta["val"] for p in graph.find_nodes(op="placeholder"))
-    ]
-    expected, got = (_flat(fx.Interpreter(module).run(*inputs)) for module in (joint_before["before"], after))
-    assert all((e is None and g is None) or torch.equal(e, g) for e, g in zip(expected, got, strict=True))
+    assert_same_bits(joint_before["before"], after)
 
 
 def test_weight_gradients_first_lowers_the_peak(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,7 +160,7 @@ def test_no_matmul_moves_ahead_of_the_backward(joint_before: dict[str, Any], mon
     torch.manual_seed(0)
     model, x = _AuxHead(), torch.randn(512, 64)
     with_pass = remat.plan(model, x, policy="full", inner_compiler="eager", on_plan_failure="raise").step_memory.peak_bytes
-    assert joint_before["moved"] > 0
+    assert joint_before["result"] > 0
     assert _before_backward(joint_before["after"].graph) == _before_backward(joint_before["before"].graph)
     monkeypatch.setattr(partition, "weight_gradients_first", lambda graph: 0)
     without = remat.plan(model, x, policy="full", inner_compiler="eager", on_plan_failure="raise").step_memory.peak_bytes
