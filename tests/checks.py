@@ -1,13 +1,15 @@
-"""Assertions shared by the test modules."""
+"""Assertions and spies shared by the test modules."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.multiprocessing as mp
 import torch.nn as nn
 
@@ -42,10 +44,6 @@ def run_ranks(worker: Callable[..., None], tmp_path: Path, world: int, deadline_
 def spy_on_joint_pass(monkeypatch: Any, module: Any, name: str) -> dict[str, Any]:
     """Replace the joint-graph pass ``module.name`` with a spy that records the joint
     graph module before the pass (a copy), the module after it, and what it returned."""
-    import copy
-
-    import torch.fx as fx
-
     found: dict[str, Any] = {}
     run = getattr(module, name)
 
@@ -62,8 +60,6 @@ def spy_on_joint_pass(monkeypatch: Any, module: Any, name: str) -> dict[str, Any
 
 def assert_same_bits(before: Any, after: Any) -> None:
     """Both joint graph modules, run on the same random inputs, return the same bits."""
-    import torch.fx as fx
-
     generator = torch.Generator().manual_seed(0)
     inputs = [
         torch.randn(v.shape, generator=generator, dtype=v.dtype) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)

@@ -69,7 +69,9 @@ def test_the_copied_out_graph_computes_the_same_bits_and_frees_the_gradient_soon
         return last
 
     nodes = list(after.graph.nodes)
-    for made in after.graph.find_nodes(op="call_function", target=COPY_OUT):
+    copies = list(after.graph.find_nodes(op="call_function", target=COPY_OUT))
+    assert copies
+    for made in copies:
         base = made.args[0].args[0].name
         assert last_reading(after, base) <= nodes.index(made) + 1  # the copies are its last readers
         assert last_reading(before, base) > nodes.index(made) + 100  # the encoder's backward, far later
