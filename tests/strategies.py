@@ -11,7 +11,8 @@ prints something a person can read and rebuild, e.g.
 and ``make_input(spec)`` the input batch. The tensor flowing through the layers has
 shape ``(batch, channels)``, ``(batch, channels, length)`` or ``(batch, channels,
 height, width)``; linear layers act on the last dimension, convolutions (1d or 2d by
-rank) and norms on the channel dimension (LayerNorm on the last one).
+rank) and norms on the channel dimension (LayerNorm on the last one); a concatenation
+joins a shape-keeping layer's output and its input on the channel dimension.
 """
 
 from __future__ import annotations
@@ -100,7 +101,12 @@ class Tag:
 
 TAG_NAMES = ("a", "b")
 
-Layer = Union[Linear, Conv, Norm, Act, View, Dropout, Attention, Tag]
+Layer = Union[Linear, Conv, Norm, Act, View, Dropout, Attention, Tag, "Concat"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat:
+    inner: Layer  # keeps the shape; the output is cat([inner(x), x]) on the channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,15 +119,22 @@ class ModelSpec:
     seed: int  # parameters, input and dropout masks
 
     @property
+    def every_layer(self) -> tuple[Layer, ...]:
+        """The layers, and the layer inside each concatenation."""
+        return tuple(inner for layer in self.layers for inner in ((layer, layer.inner) if isinstance(layer, Concat) else (layer,)))
+
+    @property
     def has_dropout(self) -> bool:
-        return any(isinstance(layer, Dropout) and layer.p > 0 for layer in self.layers)
+        return any(isinstance(layer, Dropout) and layer.p > 0 for layer in self.every_layer)
 
     @property
     def has_batchnorm(self) -> bool:
-        return any(isinstance(layer, Norm) and layer.kind == "batch" for layer in self.layers)
+        return any(isinstance(layer, Norm) and layer.kind == "batch" for layer in self.every_layer)
 
 
 def output_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(layer, Concat):
+        return (shape[0], 2 * shape[1], *shape[2:])
     if isinstance(layer, Linear):
         return (*shape[:-1], layer.out)
     if isinstance(layer, Conv):
@@ -137,19 +150,25 @@ def _divisors(n: int) -> list[int]:
 
 
 @st.composite
-def layer_specs(draw: st.DrawFn, shape: tuple[int, ...]) -> Layer:
-    """One layer that is valid for an input of ``shape``."""
+def layer_specs(draw: st.DrawFn, shape: tuple[int, ...], keep_shape: bool = False) -> Layer:
+    """One layer that is valid for an input of ``shape`` (and keeps it, if asked). A
+    concatenation (a U-Net's skip connection: its backward slices the gradient, and the
+    skipped value's slice waits for the inner layer's backward) wraps one that keeps
+    the shape."""
     kinds = ["linear", "norm", "act", "view", "dropout", "tag"]
     if len(shape) in (3, 4):
         kinds.append("conv")
     if len(shape) == 3:
         kinds.append("attention")
+    if not keep_shape and shape[1] <= MAX_WIDTH:
+        kinds.append("concat")
     kind = draw(st.sampled_from(kinds))
-    width = st.integers(1, MAX_WIDTH)
+    if kind == "concat":
+        return Concat(inner=draw(layer_specs(shape, keep_shape=True)))
     if kind == "linear":
-        layer: Layer = Linear(out=draw(width), bias=draw(st.booleans()))
+        layer: Layer = Linear(out=shape[-1] if keep_shape else draw(st.integers(1, MAX_WIDTH)), bias=draw(st.booleans()))
     elif kind == "conv":
-        layer = Conv(out=draw(width), kernel=draw(st.sampled_from([1, 3])), bias=draw(st.booleans()))
+        layer = Conv(out=shape[1] if keep_shape else draw(st.integers(1, MAX_WIDTH)), kernel=draw(st.sampled_from([1, 3])), bias=draw(st.booleans()))
     elif kind == "norm":
         # Each norm normalizes at least MIN_NORMALIZED values. Over one value the
         # output is the bias (BatchNorm in training mode raises), over two it is
@@ -182,8 +201,9 @@ def layer_specs(draw: st.DrawFn, shape: tuple[int, ...]) -> Layer:
 
 
 @st.composite
-def model_specs(draw: st.DrawFn, dtypes: tuple[str, ...] = DTYPES) -> ModelSpec:
-    """A stack of 1-6 layers on a small random input, with a seed and a dtype."""
+def model_specs(draw: st.DrawFn, dtypes: tuple[str, ...] = DTYPES, concat_first: bool = False) -> ModelSpec:
+    """A stack of 1-6 layers on a small random input, with a seed and a dtype; the
+    first a concatenation, if asked."""
     batch = draw(st.integers(1, MAX_BATCH))
     channels = draw(st.integers(1, MAX_WIDTH))
     rank = draw(st.sampled_from(["flat", "sequence", "image"]))
@@ -195,8 +215,8 @@ def model_specs(draw: st.DrawFn, dtypes: tuple[str, ...] = DTYPES) -> ModelSpec:
         shape = (batch, channels, draw(st.integers(1, MAX_SIDE)), draw(st.integers(1, MAX_SIDE)))
     input_shape = shape
     layers = []
-    for _ in range(draw(st.integers(1, MAX_LAYERS))):
-        layer = draw(layer_specs(shape))
+    for index in range(draw(st.integers(1, MAX_LAYERS))):
+        layer = Concat(inner=draw(layer_specs(shape, keep_shape=True))) if concat_first and index == 0 else draw(layer_specs(shape))
         layers.append(layer)
         shape = output_shape(layer, shape)
     return ModelSpec(
@@ -266,6 +286,15 @@ class Residual(nn.Module):
         return x + self.inner(x)
 
 
+class Concatenated(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.inner(x), x], dim=1)
+
+
 class RoundTrip(nn.Module):
     """View ops that come back to the input's shape."""
 
@@ -312,6 +341,8 @@ _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 def _build_layer(layer: Layer, shape: tuple[int, ...]) -> nn.Module:
+    if isinstance(layer, Concat):
+        return Concatenated(_build_layer(layer.inner, shape))
     if isinstance(layer, Linear):
         module: nn.Module = nn.Linear(shape[-1], layer.out, bias=layer.bias)
     elif isinstance(layer, Conv):

@@ -78,7 +78,7 @@ from hypothesis import strategies as st
 
 import remat
 from tests.checks import assert_planned_by_remat
-from tests.strategies import Act, Dropout, Linear, ModelSpec, Norm, Tag, View, autocast, build, float64_reference, make_input, model_specs, remat_options
+from tests.strategies import Act, Concat, Linear, ModelSpec, Norm, Tag, View, autocast, build, float64_reference, make_input, model_specs, remat_options
 
 TOLERANCES = {
     ("eager", "float32"): 1e-5,
@@ -173,9 +173,11 @@ def describe(spec: ModelSpec) -> None:
         event("with dropout")
     if spec.has_batchnorm:
         event("with BatchNorm")
-    if any(layer.residual for layer in spec.layers):
+    if any(not isinstance(layer, Concat) and layer.residual for layer in spec.every_layer):
         event("with a residual branch")
-    if any(isinstance(layer, Tag) for layer in spec.layers):
+    if any(isinstance(layer, Concat) for layer in spec.layers):
+        event("with a concatenation")
+    if any(isinstance(layer, Tag) for layer in spec.every_layer):
         event("with remat.tag")
 
 
@@ -261,7 +263,7 @@ def check_equal_to_eager(spec: ModelSpec, options: dict[str, Any]) -> None:
         if options["inner_compiler"] == "eager":
             pytorch_partition = torch.compile(pytorch_copy, backend="aot_eager_decomp_partition")
             pytorch = train_step(pytorch_partition, pytorch_copy, spec, x)
-        elif any(isinstance(layer, Dropout) and layer.p > 0 for layer in spec.layers):
+        elif spec.has_dropout:
             pytorch = train_step(torch.compile(pytorch_copy), pytorch_copy, spec, x)
     plans = check_plans(compiled_copy)
     note("\n".join(str(plan) for plan in plans))

@@ -41,7 +41,8 @@ import torch.fx as fx
 
 from remat._torch_internals import JointInfo, is_primal, mark_late_copy, mark_must_recompute
 from remat.cost_models.fusion import inlined_by_inductor, is_reduction
-from remat.cost_models.sizes import node_storage_bytes, tensors_in
+from remat.cost_models.sizes import node_storage_bytes
+from remat.passes.fake_values import derive_value, rederive_views
 from remat.passes.recompute_rules import ban_reason, is_view
 from remat.passes.segments import Segment, base_of
 from remat.passes.weight_gradients import gradient_matmul_behind, move_behind_sibling
@@ -177,18 +178,17 @@ def insert_backward_copies(graph: fx.Graph, copies: list[BackwardCopy], info: Jo
         with graph.inserting_before(before):
             for node in found.chain:
                 duplicate = graph.node_copy(node, lambda arg: duplicates.get(arg, arg))
-                args, kwargs = fx.node.map_arg((duplicate.args, duplicate.kwargs), lambda arg: arg.meta["val"])
-                with tensors_in(node.meta["val"])[0].fake_mode:
-                    duplicate.meta["val"] = duplicate.target(*args, **kwargs)
+                derive_value(duplicate)
                 mark_must_recompute(duplicate)
                 if found.late:
                     mark_late_copy(duplicate)
                 duplicates[node] = duplicate
         made.update(duplicates.values())
         for node, duplicate in duplicates.items():
-            for reader in _backward_readers(node, info):
-                if reader not in made:
-                    reader.replace_input_with(node, duplicate)
+            readers = [reader for reader in _backward_readers(node, info) if reader not in made]
+            for reader in readers:
+                reader.replace_input_with(node, duplicate)
+            rederive_views(readers)
     return made
 
 
