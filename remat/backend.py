@@ -23,6 +23,7 @@ from remat.options import RematOptions
 from remat.partition import RematPartitioner
 from remat.plan import Plan
 from remat.solver import RematBudgetWarning
+from remat.warning_site import user_stacklevel
 
 _graph_ids = itertools.count()
 
@@ -68,7 +69,7 @@ def _warn_budget_per_graph(graph_name: str, reason: str) -> None:
         "the step's peak can pass the budget. Remove the graph break (torch.compile(..., fullgraph=True) "
         "raises where it is), or lower the budget to leave room for the other graphs",
         RematBudgetWarning,
-        stacklevel=2,
+        stacklevel=user_stacklevel(),
     )
 
 

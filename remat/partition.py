@@ -35,6 +35,7 @@ from remat.plan import (
     predict_memory,
     saved_activation_size,
 )
+from remat.warning_site import user_stacklevel
 
 log = logging.getLogger("remat")
 POOL_TOLERANCE = 0.01
@@ -96,7 +97,7 @@ class RematPartitioner:
                 "default partition for it. Training goes on; pass "
                 "options={'on_plan_failure': 'raise'} to see the error.",
                 RematFallbackWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             log.debug("remat planning failed on %s", self.graph_name, exc_info=True)
             fw, bw = internals.pytorch_default_partition(
@@ -127,7 +128,7 @@ class RematPartitioner:
                 "peak and the step time. Offloading lowers the peak on CUDA devices; on a CPU leave 'offload' False "
                 "(or 'auto', which offloads nothing there) and set a memory_budget.",
                 RematOffloadWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         estimator = make_estimator(self.options.time_estimator, device)
         return insert_offloads(

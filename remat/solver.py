@@ -49,6 +49,7 @@ from remat.passes.recompute_rules import source_op
 from remat.passes.schedule import complete_saved_set
 from remat.passes.segments import Segment, find_segments
 from remat.tags import tagged_values
+from remat.warning_site import user_stacklevel
 
 AUTO_MARGIN = 0.9
 UNBOUNDED = 1e30
@@ -258,7 +259,7 @@ def _choose_budgeted(
         error = InfeasibleBudget(outcome.infeasible.budget, outcome.infeasible.lowest, stated_budget(options, save_peak))
         if options.on_infeasible == "raise":
             raise error
-        warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=3)
+        warnings.warn(f"{error}. Using the lowest-memory plan (on_infeasible='closest').", RematBudgetWarning, stacklevel=user_stacklevel())
         offload = choose_offloads(outcome.problem.graph, solution.saved, num_fwd_outputs, options, fused_model(options))
         peak = offload.peak_bytes if offload is not None else solution.peak
     reasons = {}
@@ -381,7 +382,7 @@ def _choose_tagged(
         if name not in found:
             warnings.warn(
                 f"remat option save_only={list(options.save_only)!r}: no value of graph {graph_name} is "
-                f"tagged {name!r} (name values with remat.tag(x, {name!r}))", RematBudgetWarning, stacklevel=3,
+                f"tagged {name!r} (name values with remat.tag(x, {name!r}))", RematBudgetWarning, stacklevel=user_stacklevel(),
             )
     kept_tags = {
         node: f"tagged {', '.join(map(repr, sorted(tags & names)))} (save_only)"
@@ -415,7 +416,7 @@ def _choose_tagged(
             error = SaveOnlyOverBudget(budget, plan, options.save_only, stated_budget(options, save_peak))
             if options.on_infeasible == "raise":
                 raise error
-            warnings.warn(f"{error}. Using it (on_infeasible='closest').", RematBudgetWarning, stacklevel=3)
+            warnings.warn(f"{error}. Using it (on_infeasible='closest').", RematBudgetWarning, stacklevel=user_stacklevel())
     reasons = {name: f"cannot be recomputed: {why}" for name, why in cut.banned.items()}
     for node in saved:  # the parts of a tuple-valued op that may not be recomputed
         if (source := source_op(node)) is not node and source.name in reasons:
@@ -437,7 +438,7 @@ def _warn_unmatched(options: RematOptions, matched: set[str], graph_name: str) -
         if pattern not in matched:
             warnings.warn(
                 f"remat option exclude={list(options.exclude)!r}: pattern {pattern!r} matches no module "
-                f"of graph {graph_name}", RematBudgetWarning, stacklevel=4,
+                f"of graph {graph_name}", RematBudgetWarning, stacklevel=user_stacklevel(),
             )
 
 

@@ -21,6 +21,7 @@ from remat.compress import slots
 from remat.compress.settings import CompressOptions, matching_pattern
 from remat.compress.slots import RematCompressWarning
 from remat.passes.compress import gradient_outputs, store_gradients
+from remat.warning_site import user_stacklevel
 
 
 class CompressingPartitioner:
@@ -78,10 +79,10 @@ class CompressingPartitioner:
             if pattern not in matched:
                 warnings.warn(
                     f"remat option compress exclude={list(self.options.exclude)!r}: pattern {pattern!r} matches "
-                    f"no parameter of graph {self.graph_name}", RematCompressWarning, stacklevel=2,
+                    f"no parameter of graph {self.graph_name}", RematCompressWarning, stacklevel=user_stacklevel(),
                 )
         return keys
 
     def _warn(self, reason: str, whole_graph: bool = True) -> None:
         what = f"gradients of graph {self.graph_name} stay dense" if whole_graph else f"in graph {self.graph_name}"
-        warnings.warn(f"remat compress: {what}: {reason}", RematCompressWarning, stacklevel=3)
+        warnings.warn(f"remat compress: {what}: {reason}", RematCompressWarning, stacklevel=user_stacklevel())

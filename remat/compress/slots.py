@@ -24,6 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from remat.compress import codecs
 from remat.compress.settings import CompressOptions
+from remat.warning_site import user_stacklevel
 
 _keys = itertools.count()
 _by_key: weakref.WeakValueDictionary[int, Slot] = weakref.WeakValueDictionary()
@@ -141,7 +142,7 @@ def register(parameter: torch.Tensor, name: str, options: CompressOptions) -> Sl
     if slot is not None and slot.state():
         warnings.warn(
             f"remat: parameter {name!r} was recompiled with another shape or compress option; its "
-            "error-feedback state is reset", RematCompressWarning, stacklevel=2,
+            "error-feedback state is reset", RematCompressWarning, stacklevel=user_stacklevel(),
         )
     slot = Slot(parameter, name, options)
     _slots[parameter] = slot
