@@ -531,7 +531,12 @@ def compile_inductor(
     ``benchmarks/buffer_pool.py``). The partitioner turns the pool off for the graphs
     where the simulator finds that its holds would break the budget
     (``BUFFER_POOL_META``); elsewhere it stays, as it saves allocator calls (a U-Net
-    step ran 1.024x PyTorch's time without it and 1.000x with it, on the CPU)."""
+    step ran 1.024x PyTorch's time without it and 1.000x with it, on the CPU).
+
+    A backward on the CPU compiles without layout optimization: Inductor lays out a
+    graph with an ``aten.convolution`` channels-last, and in a backward only a
+    recomputed one is; without it the backward keeps the default layout, as PyTorch's
+    own partition's does (``fusion.lays_out_channels_last``)."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -542,7 +547,10 @@ def compile_inductor(
 
     def inner_compile(graph: fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
         # runs after the partition, for the forward and the backward graph
-        with inductor_config.patch(allow_buffer_reuse=buffer_pool.enabled), no_extern_pulls():
+        graph_patches: dict[str, Any] = {"allow_buffer_reuse": buffer_pool.enabled}
+        if kwargs.get("is_backward") and all(t.device.type == "cpu" for t in inputs if isinstance(t, torch.Tensor)):
+            graph_patches["layout_optimization"] = False  # fusion.lays_out_channels_last
+        with inductor_config.patch(graph_patches), no_extern_pulls():
             return compile_fx_inner(graph, inputs, **kwargs)
 
     with torch._functorch.config.patch(enable_autograd_cache=False):

@@ -253,15 +253,18 @@ class Fusion:
     into_cat: dict[fx.Node, fx.Node]
 
 
-def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node], *, inputs_channels_last: bool = False) -> Fusion:
+def fuse(
+    nodes: Sequence[fx.Node], outputs: Collection[fx.Node], *, inputs_channels_last: bool = False, backward: bool = False
+) -> Fusion:
     """How Inductor compiles the graph running ``nodes`` (in order) and returning
     ``outputs``. Readers outside ``nodes`` (another graph's) are not looked at.
     ``inputs_channels_last``: the graph's 4-d inputs come channels-last (a backward
-    whose forward Inductor lays out so, ``lays_out_channels_last``)."""
+    whose forward Inductor lays out so, ``lays_out_channels_last``); ``backward``: the
+    graph is a backward."""
     members = set(nodes)
     returned = set(outputs)
     on_cpu = _on_cpu(nodes)
-    laid_out = on_cpu and lays_out_channels_last(nodes)
+    laid_out = on_cpu and lays_out_channels_last(nodes, backward=backward)
     channels_last = _channels_last_layouts(nodes) if laid_out or on_cpu and inputs_channels_last else None
     layouts: dict[fx.Node, tuple[object, ...] | None] = {}
     inlined: set[fx.Node] = set()
@@ -294,7 +297,7 @@ def fuse(nodes: Sequence[fx.Node], outputs: Collection[fx.Node], *, inputs_chann
             inlined.add(node)
     runs_with = {node: first for node, first in called.items() if first is not node}
     copies = _channels_last_copies(nodes, kernels, members, channels_last or {}) if laid_out else {}
-    returned_copies = _returned_input_copies(nodes, returned) if on_cpu else {}
+    returned_copies = _returned_input_copies(nodes, returned) if laid_out else {}
     loads = {  # a value made in the same fused kernel is read where it is computed
         node: frozenset(v for v in expression.reads if leader.get(_source(v), v) is not leader[node])
         for node, expression in kernels.items()
@@ -377,16 +380,14 @@ def _channels_last_copies(
 
 
 def _returned_input_copies(nodes: Sequence[fx.Node], returned: Collection[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """Graph inputs that the graph returns as channels-last copies, each with the
-    convolution where the copy is made. In a graph laid out channels-last
-    (``lays_out_channels_last``) a convolution requires its input and weight
+    """Graph inputs that a graph laid out channels-last (``lays_out_channels_last``)
+    returns as channels-last copies, each with the convolution where the copy is
+    made. There a convolution requires its input and weight
     channels-last, and copies a graph input laid out otherwise (``copy_input``); where
     the graph returns that input too (a weight or an image saved for the backward), it
     returns the copy, which then lives until the backward's last use of it. On the
     issue-4 U-Net: 3.1 MiB of 3x3 weights and the 0.4 MiB image, which a 0.7 budget's
     plan measured above its prediction."""
-    if not lays_out_channels_last(nodes):
-        return {}
     found: dict[fx.Node, fx.Node] = {}
     for node in nodes:
         if node.target is not aten.convolution.default:
@@ -412,13 +413,19 @@ def _channels_last(node: fx.Node) -> bool:
     return True
 
 
-def lays_out_channels_last(nodes: Sequence[fx.Node]) -> bool:
+def lays_out_channels_last(nodes: Sequence[fx.Node], *, backward: bool = False) -> bool:
     """Whether Inductor lays out the CPU graph running ``nodes`` channels-last: with
     oneDNN, a graph with a convolution (``GraphLowering.decide_layout_opt`` looks for
     ``aten.convolution`` only, so a backward with convolution_backward alone keeps
-    the default layout)."""
+    the default layout). Never a ``backward``: remat compiles it without layout
+    optimization (``compile_inductor``), so that recomputing a convolution does not
+    lay out the whole backward channels-last. It did before: on the budget sweep's
+    U-Net, recomputing the last two convolutions made the backward's kernels 1.4x
+    slower (64 to 89 ms in a 225 ms step), and the lowest plan ran at 1.116x
+    PyTorch's time at its lowest point, against 1.025x without."""
     return (
-        torch.backends.mkldnn.is_available()
+        not backward
+        and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and any(node.target is aten.convolution.default for node in nodes)
     )

@@ -100,7 +100,7 @@ def graph_fusion(graph: fx.Graph, forward: fx.Graph | None = None) -> Fusion:
     """How Inductor compiles an extracted graph: its running nodes, returning its
     outputs; ``forward``: the graph whose saved values a backward reads."""
     inputs_channels_last = forward is not None and lays_out_channels_last(running_nodes(forward))
-    return fuse(running_nodes(graph), _outputs(graph), inputs_channels_last=inputs_channels_last)
+    return fuse(running_nodes(graph), _outputs(graph), inputs_channels_last=inputs_channels_last, backward=forward is not None)
 
 
 @dataclass(eq=False)
@@ -230,7 +230,7 @@ def simulate_step(
 
 def order_fusions(order: StepOrder) -> tuple[Fusion, Fusion]:
     """How Inductor compiles the forward and the backward graph of ``order``."""
-    backward = fuse(order.backward, order.gradients, inputs_channels_last=lays_out_channels_last(order.forward))
+    backward = fuse(order.backward, order.gradients, inputs_channels_last=lays_out_channels_last(order.forward), backward=True)
     return fuse(order.forward, {*order.saved, *order.user_outputs}), backward
 
 

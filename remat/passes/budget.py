@@ -40,8 +40,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from remat._torch_internals import JointInfo, is_primal, storage_key
 from remat.cost_models.memory import MemoryTimeline, order_fusions, simulate_order
-from remat.cost_models.fusion import inlined_by_inductor, lays_out_channels_last
-from remat.cost_models.sizes import graph_device, human_bytes, storage_size, tensors_in
+from remat.cost_models.fusion import inlined_by_inductor
+from remat.cost_models.sizes import human_bytes, storage_size, tensors_in
 from remat.cost_models.step_time import position_seconds
 from remat.passes.recompute_rules import (
     ban_reason, heavy_reason, is_heavy, is_view, reduction_reason, source_op, stored_in_backward_reason,
@@ -434,21 +434,6 @@ class BudgetProblem:
             result[index] = following
         return result
 
-    def preferred_costs(self) -> list[GroupCost]:
-        """The groups a plan uses where it can meet the budget with them alone. On the
-        CPU, Inductor lays out a backward that recomputes a convolution channels-last
-        (``fusion.lays_out_channels_last``), and then all its generated kernels run in
-        that layout: on the U-Net, recomputing the last two convolutions made the
-        backward's kernels 1.4x slower (64 to 89 ms in a 225 ms step), which the time
-        model does not see. So groups that recompute a convolution come second there."""
-        if not self.fused or graph_device(self.graph).type != "cpu":
-            return list(self.costs.values())
-        convolutions = np.cumsum([0, *(lays_out_channels_last(s.nodes) for s in self.segments)])
-        return [
-            cost for cost in self.costs.values()
-            if cost.group.mode != RECOMPUTE or convolutions[cost.group.last + 1] == convolutions[cost.group.first]
-        ]
-
     def candidate_groups(self) -> list[Group]:
         count = len(self.segments)
         groups = [Group(i, i, m) for i in range(count) for m in self.modes if m != RECOMPUTE]
@@ -460,19 +445,18 @@ class BudgetProblem:
         return groups + [Group(a, b - 1, RECOMPUTE) for a, b in zip(bounds, bounds[1:]) if a < b]
 
 
-def solve_dp(problem: BudgetProblem, budget: float, costs: Sequence[GroupCost] | None = None) -> list[Group] | None:
+def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     """The least estimated step time whose modelled peak (above resident bytes) fits
     ``budget``, up to the bucketing: a dynamic program over the chain. Its state is
     the bytes kept so far, in buckets of ``budget / BUCKETS`` (kept bytes may pass the
     budget where later segments peak lower, as the last ones do in the backward);
     each bucket holds the fastest partial plan that reaches it and that plan's exact
     bytes, so every fit is checked exactly, though a slower plan with fewer bytes in
-    the same bucket is dropped. ``costs``: the groups it may use (all by default).
-    None if nothing fits."""
+    the same bucket is dropped. None if nothing fits."""
     count = len(problem.segments)
     if budget <= 0:
         return None
-    costs = list(problem.costs.values() if costs is None else costs)
+    costs = list(problem.costs.values())
     by_start: dict[int, list[int]] = {}
     for index, cost in enumerate(costs):
         by_start.setdefault(cost.group.first, []).append(index)
@@ -547,14 +531,8 @@ def model_seconds(problem: BudgetProblem, groups: Sequence[Group]) -> float:
 
 def solve_budget(problem: BudgetProblem, budget: int) -> Solution:
     """The fastest plan whose simulated peak fits ``budget`` (whole step, resident
-    bytes included): from the preferred groups if any of their plans fits
-    (``BudgetProblem.preferred_costs``), else from all. Raises ``InfeasibleBudget``
-    with the lowest plan if none fits."""
-    preferred = problem.preferred_costs()
-    best, lowest = _fit(problem, budget, preferred)
-    if best is None and len(preferred) < len(problem.costs):
-        best, lowest_of_all = _fit(problem, budget, list(problem.costs.values()))
-        lowest = min((s for s in (lowest, lowest_of_all) if s is not None), key=lambda s: s.peak, default=None)
+    bytes included). Raises ``InfeasibleBudget`` with the lowest plan if none fits."""
+    best, lowest = _fit(problem, budget)
     if best is not None:
         return best
     floor = lowest_plan(problem)
@@ -565,8 +543,8 @@ def solve_budget(problem: BudgetProblem, budget: int) -> Solution:
     raise InfeasibleBudget(budget, lowest)
 
 
-def _fit(problem: BudgetProblem, budget: int, costs: Sequence[GroupCost]) -> tuple[Solution | None, Solution | None]:
-    """The fastest plan of ``costs``' groups that fits ``budget``, if one is found, and
+def _fit(problem: BudgetProblem, budget: int) -> tuple[Solution | None, Solution | None]:
+    """The fastest plan that fits ``budget``, if one is found, and
     the lowest plan simulated on the way. The model's budget is corrected by the
     simulated error until one model budget gives a plan that fits and another one
     that does not; then bisection between the two looks for the fastest that fits
@@ -581,7 +559,7 @@ def _fit(problem: BudgetProblem, budget: int, costs: Sequence[GroupCost]) -> tup
     fails: float | None = None  # the lowest model budget whose plan does not
     tried: set[tuple[Group, ...]] = set()
     for _ in range(CORRECTIONS):
-        groups = solve_dp(problem, target - resident, costs)
+        groups = solve_dp(problem, target - resident)
         if groups is None:
             break
         key = tuple(groups)
@@ -608,7 +586,7 @@ def _fit(problem: BudgetProblem, budget: int, costs: Sequence[GroupCost]) -> tup
             target -= solution.peak - budget
     if best is not None:  # the model's times are not exact: leaner plans may run faster
         for step in range(1, LADDER + 1):
-            groups = solve_dp(problem, budget * (1 - LADDER_STEP * step) - resident, costs)
+            groups = solve_dp(problem, budget * (1 - LADDER_STEP * step) - resident)
             if groups is None:
                 break
             solution = problem.simulate(groups)
@@ -617,7 +595,7 @@ def _fit(problem: BudgetProblem, budget: int, costs: Sequence[GroupCost]) -> tup
     low, high = 0.0, float(budget) - resident
     for _ in range(BISECTIONS if best is None else 0):  # the corrections failed: search
         middle = (low + high) / 2
-        groups = solve_dp(problem, middle, costs)
+        groups = solve_dp(problem, middle)
         if groups is None:
             low = middle
             continue
