@@ -535,8 +535,8 @@ def compile_inductor(
 
     A backward on the CPU compiles without layout optimization: Inductor lays out a
     graph with an ``aten.convolution`` channels-last, and in a backward only a
-    recomputed one is; without it the backward keeps the default layout, as PyTorch's
-    own partition's does (``fusion.lays_out_channels_last``)."""
+    recomputed one is; without it the backward keeps the default layout, as one that
+    recomputes no convolution does (``fusion.lays_out_channels_last``)."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
