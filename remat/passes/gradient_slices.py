@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from remat.cost_models.sizes import node_storage_bytes
 from remat.passes.fake_values import derive_value, rederive_views
-from remat.passes.recompute_rules import is_view, source_op
+from remat.passes.recompute_rules import is_view, source_op, views_of
 from remat.passes.schedule import backward_nodes
 from remat.passes.segments import base_of
 
@@ -88,20 +88,10 @@ def _maker_frees_as_much(base: fx.Node, between: list[fx.Node], order: dict[fx.N
     freed = sum(
         node_storage_bytes(storage)
         for storage in storages
-        if storage.op != "placeholder" and max(order[reader] for reader in _readers(storage)) <= order[maker]
+        if storage.op != "placeholder"
+        and max(order[reader] for value in (storage, *views_of(storage)) for reader in value.users) <= order[maker]
     )
     return freed >= node_storage_bytes(base)
-
-
-def _readers(storage: fx.Node) -> list[fx.Node]:
-    """Every op that reads ``storage``, directly or through views of it."""
-    found, pending = [], list(storage.users)
-    while pending:
-        user = pending.pop()
-        found.append(user)
-        if is_view(user):
-            pending.extend(user.users)
-    return found
 
 
 def _waits(piece: fx.Node, slices: list[fx.Node], order: dict[fx.Node, int]) -> bool:

@@ -45,6 +45,18 @@ def is_view(node: fx.Node) -> bool:
     return is_op_overload(node.target) and node.target.is_view
 
 
+def views_of(node: fx.Node) -> set[fx.Node]:
+    """The views (of views) of ``node``."""
+    found: set[fx.Node] = set()
+    pending = list(node.users)
+    while pending:
+        user = pending.pop()
+        if user.op == "call_function" and is_view(user) and user not in found:
+            found.add(user)
+            pending.extend(user.users)
+    return found
+
+
 def ban_reason(node: fx.Node) -> str | None:
     """Why ``node`` must not be recomputed in the backward, or None if it may be."""
     if node.op == "placeholder":

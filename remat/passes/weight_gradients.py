@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 
-from remat.passes.recompute_rules import is_view
+from remat.passes.recompute_rules import is_view, views_of
 from remat.passes.schedule import backward_nodes
 
 aten = torch.ops.aten
@@ -81,7 +81,7 @@ def move_behind_sibling(matmul: fx.Node, graph: fx.Graph, ahead_of: Iterable[fx.
     later = [r for r in _readers(inputs, backward, members) if order[r] > order[matmul]]
     at = min(later, key=order.__getitem__, default=None)
     if at is not None and all(order[at] < order[n] for n in ahead_of if n not in members):
-        outputs = _views_of(matmul)  # they must follow it
+        outputs = views_of(matmul)  # they must follow it
         _move_after(at, [*chain, *sorted(outputs, key=order.__getitem__)])
     return chain[0]
 
@@ -123,18 +123,6 @@ def _is_gradient(node: fx.Node) -> bool:
             return False
         pending.extend(user.users)
     return True
-
-
-def _views_of(node: fx.Node) -> set[fx.Node]:
-    """The views (of views) of ``node``."""
-    found: set[fx.Node] = set()
-    pending = list(node.users)
-    while pending:
-        user = pending.pop()
-        if user.op == "call_function" and is_view(user) and user not in found:
-            found.add(user)
-            pending.extend(user.users)
-    return found
 
 
 def _with_own_views(node: fx.Node, backward: set[fx.Node]) -> set[fx.Node]:
