@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,10 +41,16 @@ def ddp(model: Net) -> nn.Module:
     return model
 
 
+def cpu_mesh() -> DeviceMesh:
+    """The processes as one mesh on the CPU, where this example trains: by default
+    fully_shard meshes them on CUDA whenever a GPU is visible."""
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
 def fsdp2(model: Net) -> nn.Module:
     """Shard, then compile. FSDP2's hooks run outside the graph, so one FSDP unit (the
     whole model) gives one graph, whose parameters are the all-gathered ones."""
-    fully_shard(model)
+    fully_shard(model, mesh=cpu_mesh())
     model = torch.compile(model, backend="remat", options=OPTIONS)
     return model
 
@@ -54,10 +61,11 @@ def fsdp2_per_block(model: Net) -> nn.Module:
     loss run eagerly. Compiling only the root does less: FSDP2's hooks, outside Dynamo,
     break the graph at every unit, the loop over the blocks runs eagerly, and these
     nn.Sequential blocks would not be compiled at all."""
+    mesh = cpu_mesh()
     for i, block in enumerate(model.blocks):
         model.blocks[i] = torch.compile(block, backend="remat", options=OPTIONS)
-        fully_shard(model.blocks[i])
-    fully_shard(model)
+        fully_shard(model.blocks[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

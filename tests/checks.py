@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.fx as fx
@@ -29,9 +31,13 @@ def assert_planned_by_remat(model: nn.Module, label: str = "") -> list[remat.Pla
 
 
 def run_ranks(worker: Callable[..., None], tmp_path: Path, world: int, deadline_s: float) -> list[Any]:
-    """Start ``worker(rank, store_path, out_dir)`` on ``world`` processes and return what
-    each saved to ``out_dir/rank{r}.pt``; a run past ``deadline_s`` is killed and fails."""
-    context = mp.start_processes(worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=False)
+    """Start ``worker(rank, store_path, out_dir)`` on ``world`` CPU processes and return
+    what each saved to ``out_dir/rank{r}.pt``; a run past ``deadline_s`` is killed and
+    fails. The workers see no GPU: they train on the CPU over gloo, on any machine (where
+    CUDA is visible, torch's PowerSGD hook synchronizes it for CPU buckets, and remat
+    refuses it)."""
+    with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):
+        context = mp.start_processes(worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=False)
     deadline = time.monotonic() + deadline_s
     while not context.join(timeout=1):
         if time.monotonic() > deadline:

@@ -156,16 +156,18 @@ def test_fused_a_kernel_never_pulls_a_matmul_ahead() -> None:
 
 
 def test_inductor_under_remat_leaves_the_matmul_in_place() -> None:
-    """The same function compiled by Inductor: by default the later kernel fuses into
-    the earlier and the matmul runs first; under ``no_extern_pulls`` (every remat
-    compile) the order stays and the kernels stay two."""
+    """The same function compiled by Inductor: by default (torch 2.13) the later kernel
+    fuses into the earlier and the matmul runs first; under ``no_extern_pulls`` (every
+    remat compile) the order stays and the kernels stay two. Inductor 2.11 made that
+    fusion on a 16-core GPU machine and not on the 2-core CPU one."""
     args = (torch.randn(256, 1024), torch.randn(1024, 1024), torch.randn(256, 1024))
 
     def calls(code: str) -> list[str]:
         body = code[code.index("def call(") :]
         return ["mm" if "extern_kernels.mm(" in line else "kernel" for line in body.splitlines() if "extern_kernels.mm(" in line or "cpp_fused" in line]
 
-    assert calls(internals.generated_code(torch.compile(_pulls_a_matmul), *args)) == ["mm", "kernel", "mm"]
+    default = calls(internals.generated_code(torch.compile(_pulls_a_matmul), *args))
+    assert default == ["mm", "kernel", "mm"] or torch.__version__ < (2, 13), default
     torch._dynamo.reset()
     with internals.no_extern_pulls():
         assert calls(internals.generated_code(torch.compile(_pulls_a_matmul), *args)) == ["kernel", "mm", "mm", "kernel"]

@@ -384,6 +384,35 @@ def test_graph_time_sums_nodes():
     assert graph_time([], est) == 0
 
 
+@pytest.fixture
+def fp32_precision():
+    """Puts back the float32 precision settings a test changes."""
+    levels = (torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn, torch.backends.cudnn.conv)
+    saved = [level.fp32_precision for level in levels]
+    yield
+    for level, value in zip(levels, saved, strict=True):
+        level.fp32_precision = value
+
+
+def test_roofline_reads_tf32_set_through_either_api(fp32_precision):
+    """A program (or a library such as Lightning) may set the precision through the
+    per-backend API after the legacy one; torch's legacy getter then raises, and the
+    roofline, which prices every plan, must not. A GPU machine running the suite found it."""
+    node = mm_node(2048, 2048, 2048)
+    torch.set_float32_matmul_precision("highest")
+    ieee = roofline_time(node, H100)
+    torch.set_float32_matmul_precision("high")
+    assert roofline_time(node, H100) < ieee
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError):  # the mixed state
+        torch.get_float32_matmul_precision()
+    assert roofline_time(node, H100) < ieee
+    torch.backends.cuda.matmul.fp32_precision = "none"  # defers to the global setting
+    torch.backends.fp32_precision = "ieee"
+    assert roofline_time(node, H100) == ieee
+
+
 @given(
     m=st.integers(1, 2048),
     k=st.integers(1, 2048),

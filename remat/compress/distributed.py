@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
@@ -53,6 +54,12 @@ def register_compression_hook(model: DistributedDataParallel, compress: Mapping[
                 f"here ({error}); use method='powersgd', which runs on every backend"
             ) from error
         return None
+    if torch.cuda.is_available() and any(p.device.type == "cpu" for p in model.parameters()):
+        raise ValueError(
+            f"remat option compress={options.to_dict()!r}: torch.distributed's PowerSGD hook calls "
+            "torch.cuda.synchronize(bucket device) whenever CUDA is available, which fails for a bucket on the CPU; "
+            "train this DDP model on the GPU, or hide the GPUs from CPU training (CUDA_VISIBLE_DEVICES='')"
+        )
     state = powerSGD_hook.PowerSGDState(
         process_group=None,
         matrix_approximation_rank=options.rank,

@@ -125,9 +125,18 @@ _CONVOLUTIONS = frozenset(
 
 
 def _uses_tf32(node: fx.Node) -> bool:
+    """Whether a float32 matmul or convolution runs in TF32, read through the
+    per-backend ``fp32_precision`` settings: the legacy ``get_float32_matmul_precision``
+    raises once a program (or a library it uses) has set the precision through both
+    APIs. An op's ``"none"`` defers to its backend's, then to the global setting; all
+    ``"none"`` is IEEE."""
+    backends = torch.backends
     if _packet(node) in _CONVOLUTIONS:
-        return torch.backends.cudnn.allow_tf32
-    return torch.get_float32_matmul_precision() != "highest"
+        chain = (backends.cudnn.conv, backends.cudnn, backends)
+    else:
+        chain = (backends.cuda.matmul, backends)
+    precision = next((p for p in (level.fp32_precision for level in chain) if p != "none"), "ieee")
+    return precision == "tf32"
 
 
 def roofline_time(node: fx.Node, profile: DeviceProfile) -> float:
