@@ -107,7 +107,7 @@ def test_compressed_ddp_on_two_processes(tmp_path: Path) -> None:
         assert result["uneven_done"]
 
 
-def test_powersgd_refuses_cpu_parameters_while_cuda_is_visible(tmp_path: Path, monkeypatch) -> None:
+def test_powersgd_refuses_cpu_parameters_while_cuda_is_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's PowerSGD hook synchronizes the CUDA device for every bucket whenever CUDA
     is available, and fails on a CPU bucket in the middle of a backward (seen on a GPU
     machine); remat refuses at registration instead, naming the way out."""
