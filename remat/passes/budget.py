@@ -610,11 +610,14 @@ def _fit(problem: BudgetProblem, budget: int) -> tuple[Solution | None, Solution
 
 
 def lowest_plan(problem: BudgetProblem) -> Solution:
-    """The plan of least simulated peak (ties: least time) of those the policy allows:
-    from the one of least modelled peak, by bisection on the model's budget, or one
-    that was simulated on the way and came out lower (the model is not exact: on a
-    small MLP, keeping everything peaked 64 bytes under every plan that recomputes),
-    a descent on the simulated peak (``_descend``)."""
+    """The plan of least simulated peak of those the policy allows (ties: the fastest
+    the descent meets): from the one of least modelled peak, by bisection on the
+    model's budget, or one that was simulated on the way and came out lower (the model
+    is not exact: on a small MLP, keeping everything peaked 64 bytes under every plan
+    that recomputes), a descent on the simulated peak (``_descend``). The descent never
+    moves a kept segment to another keep mode: on the budget sweep's U-Net that left a
+    plan at the same peak 0.5% faster by estimate, which measured the same
+    (``benchmarks/results/unet_lowest_plan_search.md``)."""
     resident = problem.resident
     uniform = RECOMPUTE if RECOMPUTE in problem.modes else problem.modes[-1]
     everything = problem.simulate([Group(i, i, uniform) for i in range(len(problem.segments))])
