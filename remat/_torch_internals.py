@@ -275,6 +275,17 @@ def inductor_fallback_random() -> bool:
     return bool(config.fallback_random)
 
 
+@functools.cache
+def inductor_lowers_convolution_backward() -> bool:
+    """Whether Inductor lowers ``convolution_backward`` itself (``kernel/conv.py``,
+    torch 2.13), asking its inputs for the weight gradient's stride order, rather than
+    calling it as a fallback on its FX strides (torch 2.11), where the op copies an
+    input laid out unlike its weight itself."""
+    from torch._inductor.kernel import conv
+
+    return hasattr(conv, "convolution_backward_lowering")
+
+
 def decomposition_table() -> dict[Any, Callable[..., Any]]:
     """Inductor's decompositions, used for both inner compilers so plans agree.
 

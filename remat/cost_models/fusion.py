@@ -45,7 +45,10 @@ generated into one C++ function, whose results are all allocated before it runs
 copy of a value whose layout was fixed otherwise (``_channels_last_copies``: a
 U-Net's recomputed upsampling, GroupNorm's input gradients), and a graph input it
 copies so that the graph also returns is returned as the copy
-(``Fusion.returned_copies``: weights saved for the backward). Each rule was needed to
+(``Fusion.returned_copies``: weights saved for the backward). A backward, which remat
+compiles without that layout, still reads its forward's channels-last weights, and
+its convolutions copy an input a kernel stored in another layout
+(``_weight_layout_copies``: a recomputed upsampling). Each rule was needed to
 come within 10% of the peaks ``benchmarks/predict.py`` measures under Inductor; the
 last two for U-Net plans that recompute convolutions (issue 4: 45.2 MiB predicted
 without them, 55.0 MiB with, 60.2 MiB measured); the pulled matmul for the demo GPT,
@@ -73,7 +76,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from remat._torch_internals import inductor_fallback_random, is_builtin_op, is_late_copy, is_op_overload, size_hint
+from remat._torch_internals import (
+    inductor_fallback_random,
+    inductor_lowers_convolution_backward,
+    is_builtin_op,
+    is_late_copy,
+    is_op_overload,
+    size_hint,
+)
 from remat.cost_models.sizes import node_storage_bytes, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 
@@ -296,7 +306,12 @@ def fuse(
         if _kernel_local(node, readers.get(node, []), leader, members, returned, inlined, kernels):
             inlined.add(node)
     runs_with = {node: first for node, first in called.items() if first is not node}
-    copies = _channels_last_copies(nodes, kernels, members, channels_last or {}) if laid_out else {}
+    if laid_out:
+        copies = _channels_last_copies(nodes, kernels, members, channels_last or {})
+    elif channels_last is not None:
+        copies = _weight_layout_copies(nodes, kernels, _channels_last_layouts(nodes, repropagated=True))
+    else:
+        copies = {}
     returned_copies = _returned_input_copies(nodes, returned) if laid_out else {}
     loads = {  # a value made in the same fused kernel is read where it is computed
         node: frozenset(v for v in expression.reads if leader.get(_source(v), v) is not leader[node])
@@ -379,6 +394,43 @@ def _channels_last_copies(
     return copies
 
 
+def _weight_layout_copies(
+    nodes: Sequence[fx.Node], kernels: Collection[fx.Node], channels_last: Mapping[fx.Node, bool]
+) -> dict[tuple[fx.Node, fx.Node], fx.Node]:
+    """Which convolutions read a copy in a CPU graph that is not laid out channels-last
+    but reads channels-last weights: a backward whose forward Inductor laid out so
+    (``lays_out_channels_last``). Inductor's lowerings ask a convolution's input for
+    the stride order of its result (``conv_layout``) and a convolution_backward's
+    output gradient and input for that of its weight gradient
+    (``conv_bwd_weight_layout``); a channels-last weight makes both channels-last. A
+    value a generated kernel stores in another layout (a recomputed upsampling) is
+    stored as its FX value is and copied channels-last in the same kernel, once for
+    each such reader; the original then dies there unless something else reads it.
+    Where Inductor calls convolution_backward as a fallback instead
+    (``inductor_lowers_convolution_backward``), the op makes that copy itself, while it
+    runs. On the budget sweep's U-Net, a plan that recomputes the decoder's
+    upsampling allocated 39.10 MiB at its peak, predicted 35.16 MiB without this rule
+    and 39.10 MiB with it (``benchmarks/results/unet_lowest_plan_search.md``).
+    ``channels_last``: ``_channels_last_layouts`` with ``repropagated``."""
+    copies = {}
+    for reader in nodes:
+        if reader.target is aten.convolution.default:
+            weight, read, copies_itself = reader.args[1], reader.args[:1], False
+        elif reader.target is aten.convolution_backward.default:
+            weight, read, copies_itself = reader.args[2], reader.args[:2], not inductor_lowers_convolution_backward()
+        else:
+            continue
+        if not isinstance(weight, fx.Node) or not _is_channels_last(weight, channels_last):
+            continue
+        for arg in read:
+            if isinstance(arg, fx.Node) and not channels_last.get(arg, True) and not _channels_last(arg):
+                if copies_itself:
+                    copies[arg, reader] = reader
+                elif _source(arg) in kernels:
+                    copies[arg, reader] = _source(arg)
+    return copies
+
+
 def _returned_input_copies(nodes: Sequence[fx.Node], returned: Collection[fx.Node]) -> dict[fx.Node, fx.Node]:
     """Graph inputs that a graph laid out channels-last (``lays_out_channels_last``)
     returns as channels-last copies, each with the convolution where the copy is
@@ -432,24 +484,43 @@ def lays_out_channels_last(nodes: Sequence[fx.Node], *, backward: bool = False) 
     )
 
 
-def _channels_last_layouts(nodes: Sequence[fx.Node]) -> dict[fx.Node, bool]:
+def _channels_last_layouts(nodes: Sequence[fx.Node], *, repropagated: bool = False) -> dict[fx.Node, bool]:
     """Whether each 4-d value is channels-last in the FX graph Inductor compiles: it
     propagates fake tensors again from the graph's inputs, which come channels-last
     (``GraphLowering.find_nodes_prefer_channels_last`` lays out the forward's outputs
     so); convolutions keep that layout and elementwise ops follow their inputs, while
-    reshapes and indexing ops make contiguous values."""
+    reshapes and indexing ops make contiguous values. ``repropagated``: as the fake
+    tensors of a backward Inductor compiles without layout optimization are, by
+    PyTorch's own rules: a reshape of a channels-last value is a view in its memory
+    order (GroupNorm's groups), reshaping that back gives a channels-last value
+    again, and a cat of channels-last values is channels-last."""
     layouts: dict[fx.Node, bool] = {}
+    regrouped: dict[fx.Node, tuple[int, ...]] = {}  # in a channels-last value's order: its shape
+    shape = functools.cache(_shape)
     for node in nodes:
-        if _ndim(node) != 4:
+        ndim = _ndim(node)
+        reshaped = _packet(node) in RESHAPES and shape(node) != shape(node.args[0])
+        if repropagated and ndim:
+            if reshaped:
+                base = node.args[0]
+                origin = regrouped.get(base, shape(base) if layouts.get(base, _ndim(base) == 4) else None)
+                if origin is not None and origin != shape(node):
+                    regrouped[node] = origin
+            elif _inlinable(node) and _packet(node) not in INDEXING:
+                origins = {regrouped[a] for a in node.all_input_nodes if a in regrouped and shape(a) == shape(node)}
+                if len(origins) == 1:
+                    regrouped[node] = origins.pop()
+        if ndim != 4:
             continue
-        inputs = [arg for arg in node.all_input_nodes if _ndim(arg) == 4]
         if _is_alias(node):
             base = node.args[0]
-            layouts[node] = layouts.get(base, True) and not (_packet(node) in RESHAPES and _shape(node) != _shape(base))
+            layouts[node] = regrouped.get(base) == shape(node) if reshaped else layouts.get(base, True)
         elif node.target in CONVOLUTIONS:
             layouts[node] = True
+        elif repropagated and _packet(node) is aten.cat:
+            layouts[node] = all(layouts.get(a, True) for a in node.all_input_nodes)
         elif _inlinable(node) and _packet(node) not in INDEXING or _packet(node) in LAYOUT_KEEPING:
-            layouts[node] = any(layouts.get(arg, True) for arg in inputs if _shape(arg) == _shape(node))
+            layouts[node] = any(layouts.get(a, True) for a in node.all_input_nodes if _ndim(a) == 4 and shape(a) == shape(node))
         else:
             layouts[node] = False
     return layouts
