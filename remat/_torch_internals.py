@@ -427,7 +427,7 @@ def _no_extern_pull_choices() -> type:
     class NoExternPull(InductorChoices):
         @staticmethod
         def uuid() -> str:
-            return "remat-no-extern-pull-2"  # change it with the rule: it keys cached graphs
+            return "remat-no-extern-pull-3"  # change it with the rule or tile2d_atomic_adds_fixed: it keys cached graphs
 
         @staticmethod
         def can_fuse(scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:
@@ -510,6 +510,47 @@ def no_extern_pulls() -> Iterator[None]:
         choices._last = (None, 0, None)  # the scheduler's nodes go with the compile
 
 
+def _doubles_tile2d_atomic_offset(tile2d_store: Callable[..., Any], vec_store: Callable[..., Any]) -> bool:
+    """Whether Inductor's C++ 2-d tiles offset a parallel ``atomic_add`` store twice
+    (pytorch/pytorch#191837, torch 2.11 and 2.13): ``CppTile2DKernel.store`` shifts the
+    index by the tile's inner loop variable, then ``CppVecKernel.store`` rebuilds it
+    with ``ops.index_expr``, which the tile's overrides shift again."""
+    import inspect
+
+    tile2d, vec = inspect.getsource(tile2d_store), inspect.getsource(vec_store)
+    return "new_index = self.transform_indexing(index)" in tile2d and "ops.index_expr(index, torch.int64)" in vec
+
+
+@contextlib.contextmanager
+def tile2d_atomic_adds_fixed() -> Iterator[None]:
+    """Inductor compiles in this context give a parallel ``atomic_add`` store in a 2-d
+    tile (a nearest upsampling's backward, an ``index_put`` with ``accumulate``,
+    reading a channels-last gradient into a contiguous result, as a backward remat
+    compiles without layout optimization does) its index once. With the doubled
+    offset, a decoder's backward on two threads wrote out of bounds and aborted the
+    process (glibc: "malloc_consolidate(): invalid chunk size";
+    ``tests/test_backend.py``). Where Inductor does not double the offset, nothing is
+    changed."""
+    from torch._inductor.codegen import cpp
+
+    store = cpp.CppTile2DKernel.store
+    if not _doubles_tile2d_atomic_offset(store, cpp.CppVecKernel.store):
+        yield
+        return
+
+    def store_once(self: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
+        parallel_atomic = mode == "atomic_add" and (cpp.config.cpp.dynamic_threads or self.num_threads != 1)
+        if parallel_atomic and not self.need_vec_transpose(self.rename_indexing(index)):
+            return cpp.CppVecKernel.store(self, name, index, value, mode)  # ops.index_expr shifts it
+        return store(self, name, index, value, mode)
+
+    cpp.CppTile2DKernel.store = store_once
+    try:
+        yield
+    finally:
+        cpp.CppTile2DKernel.store = store
+
+
 def graph_code(gm: fx.GraphModule, inputs: Sequence[Any]) -> str:
     """The code Inductor generates for the aten graph ``gm`` compiled as remat compiles
     its forward and backward graphs (``no_extern_pulls``; tests read its kernels)."""
@@ -561,7 +602,7 @@ def compile_inductor(
         graph_patches: dict[str, Any] = {"allow_buffer_reuse": buffer_pool.enabled}
         if kwargs.get("is_backward") and all(t.device.type == "cpu" for t in inputs if isinstance(t, torch.Tensor)):
             graph_patches["layout_optimization"] = False  # fusion.lays_out_channels_last
-        with inductor_config.patch(graph_patches), no_extern_pulls():
+        with inductor_config.patch(graph_patches), no_extern_pulls(), tile2d_atomic_adds_fixed():
             return compile_fx_inner(graph, inputs, **kwargs)
 
     with torch._functorch.config.patch(enable_autograd_cache=False):

@@ -16,6 +16,7 @@ import remat
 import remat.partition
 from remat.options import RematOptions
 from remat.plan import MemoryPrediction, Plan
+from tests.zoo import UpsamplingDecoder
 
 
 def _model() -> nn.Module:
@@ -123,6 +124,31 @@ def test_gradients_equal_eager(inner_compiler):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert remat.explain(model).inner_compiler == inner_compiler
 
+
+
+def test_a_decoder_backward_on_two_threads_scatters_its_upsampling_gradient_in_bounds():
+    """Inductor's C++ 2-d tiles offset a parallel atomic_add store twice
+    (pytorch/pytorch#191837): this decoder's backward, compiled without layout
+    optimization as remat compiles a CPU backward, scatters the upsampling's
+    channels-last gradient into a contiguous one, and on two threads wrote out of
+    bounds and aborted the process. remat's compiles give the store its index once
+    (``_torch_internals.tile2d_atomic_adds_fixed``)."""
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model, x = UpsamplingDecoder(squared=True), torch.randn(8, 16, 32, 32)
+        reference = copy.deepcopy(model)
+        reference(x).backward()
+        compiled = torch.compile(model, backend="remat")
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            compiled(x).backward()
+    finally:
+        torch.set_num_threads(threads)
+    for ours, eager in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.grad, eager.grad, rtol=1e-4, atol=1e-6)
 
 @pytest.mark.parametrize("pool", [False, True])
 def test_the_buffer_pool_decision_reaches_both_compiles(pool, monkeypatch):

@@ -19,7 +19,7 @@ from remat.cost_models.fusion import fuse
 from remat.cost_models.memory import _reuse_freed_buffers, _Storage, simulate_order, simulate_step
 from remat.passes.schedule import complete_saved_set, step_order
 from tests.strategies import ModelSpec, build, make_input, model_specs
-from tests.zoo import make_dynamic
+from tests.zoo import UpsamplingDecoder, make_dynamic
 
 MIB = 2**20
 
@@ -403,25 +403,19 @@ def test_fused_a_backward_copies_for_channels_last_weights_what_a_kernel_stores_
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="channels-last weights are oneDNN's")
 @pytest.mark.skipif(
     not internals.inductor_lowers_convolution_backward(),
-    reason="torch 2.11 calls convolution_backward as a fallback; the rule was measured to the byte on 2.13 only",
+    reason="torch 2.11 calls convolution_backward as a fallback; the rule was measured on 2.13",
 )
-def test_fused_prediction_of_a_recomputed_upsampling_equals_the_allocations_under_inductor() -> None:
+@pytest.mark.parametrize("squared", [False, True], ids=["only convolutions read it", "the loss reads it too"])
+def test_fused_prediction_of_a_recomputed_upsampling_equals_the_allocations_under_inductor(squared: bool) -> None:
     """A decoder step whose backward recomputes the upsampling: the allocator's peak, as
-    ``torch.profiler`` records it, is the fused simulation's to the byte. Without the
-    channels-last copies (``fusion._weight_layout_copies``) it was 2 MiB low: 11.55
-    MiB predicted, 13.54 MiB allocated."""
+    ``torch.profiler`` records it, is the fused simulation's, to the byte where only
+    convolutions read the upsampled value (13.54 MiB) and within oneDNN's 36 KiB
+    reorder of a weight gradient where the loss reads it too (15.59 MiB allocated,
+    15.55 predicted). Without the channels-last copies
+    (``fusion._weight_layout_copies``) the first was 2 MiB low: 11.55 MiB predicted."""
     from benchmarks.allocations import allocation_timeline
 
-    class Decoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 16, 3, padding=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            up = nn.functional.interpolate(self.a(x).sigmoid(), scale_factor=2.0)
-            return self.b(up).square().mean()
-
-    model, x = Decoder(), torch.randn(8, 16, 32, 32)
+    model, x = UpsamplingDecoder(squared), torch.randn(8, 16, 32, 32)
     compiled = torch.compile(model, backend="remat", options={"policy": "full"})
 
     def step() -> None:
@@ -432,7 +426,11 @@ def test_fused_prediction_of_a_recomputed_upsampling_equals_the_allocations_unde
         step()
     allocated = max(event.live for event in allocation_timeline(step))
     (plan,) = remat.plans(model)
-    assert plan.fused_memory is not None and plan.fused_memory.peak_bytes == allocated
+    assert plan.fused_memory is not None
+    if squared:
+        assert abs(plan.fused_memory.peak_bytes - allocated) <= 0.005 * allocated
+    else:
+        assert plan.fused_memory.peak_bytes == allocated
 
 
 def test_fused_a_reshape_of_a_channels_last_input_is_not_written_over() -> None:

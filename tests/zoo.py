@@ -350,6 +350,23 @@ def make_unet(
     return ZooCase("unet", model, (noisy,), lambda pred: F.mse_loss(pred, noise), blocks=_names_of(model, ConvBlock))
 
 
+
+class UpsamplingDecoder(nn.Module):
+    """A U-Net decoder level on its own: convolution, sigmoid, nearest upsampling,
+    convolution; the loss is the output's mean square, plus the upsampled value's with
+    ``squared`` (then the backward reads that value besides the convolutions)."""
+
+    def __init__(self, squared: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 16, 3, padding=1)
+        self.squared = squared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.a(x).sigmoid(), scale_factor=2.0)
+        loss = self.b(up).square().mean()
+        return loss + up.square().mean() if self.squared else loss
+
+
 # --------------------------------------------------------------------------- dynamic shapes
 
 
