@@ -125,7 +125,6 @@ def test_gradients_equal_eager(inner_compiler):
     assert remat.explain(model).inner_compiler == inner_compiler
 
 
-
 def test_a_decoder_backward_on_two_threads_scatters_its_upsampling_gradient_in_bounds():
     """Inductor's C++ 2-d tiles offset a parallel atomic_add store twice
     (pytorch/pytorch#191837): this decoder's backward, compiled without layout
@@ -133,7 +132,6 @@ def test_a_decoder_backward_on_two_threads_scatters_its_upsampling_gradient_in_b
     channels-last gradient into a contiguous one, and on two threads wrote out of
     bounds and aborted the process. remat's compiles give the store its index once
     (``_torch_internals.tile2d_atomic_adds_fixed``)."""
-
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -149,6 +147,7 @@ def test_a_decoder_backward_on_two_threads_scatters_its_upsampling_gradient_in_b
         torch.set_num_threads(threads)
     for ours, eager in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(ours.grad, eager.grad, rtol=1e-4, atol=1e-6)
+
 
 @pytest.mark.parametrize("pool", [False, True])
 def test_the_buffer_pool_decision_reaches_both_compiles(pool, monkeypatch):

@@ -350,7 +350,6 @@ def make_unet(
     return ZooCase("unet", model, (noisy,), lambda pred: F.mse_loss(pred, noise), blocks=_names_of(model, ConvBlock))
 
 
-
 class UpsamplingDecoder(nn.Module):
     """A U-Net decoder level on its own: convolution, sigmoid, nearest upsampling,
     convolution; the loss is the output's mean square, plus the upsampled value's with
