@@ -18,6 +18,7 @@ import torch.fx as fx
 from remat import _torch_internals as internals
 from remat.options import RematOptions
 from remat.passes.budget import InfeasibleBudget
+from remat.passes.conv_input_layout import make_conv_inputs_channels_last
 from remat.passes.gradient_slices import copy_out_waiting_slices
 from remat.passes.weight_gradients import weight_gradients_first
 from remat.passes.remat import MinCutResult, solve_min_cut
@@ -88,6 +89,10 @@ class RematPartitioner:
             offload = offloads[-1] if offloads else None
             moved = self._offload(fw, bw, num_fwd_outputs, offload) if offload and offload.offloaded else None
             plan = self._plan(fw, bw, num_fwd_outputs, results[-1] if results else None, offload=offload, moved=moved)
+            # after the predictions: the fused model counts the value once either way
+            # (Fusion.made_channels_last), and op by op the graphs are the solver's
+            if fused_model(self.options) and make_conv_inputs_channels_last(fw.graph, bw.graph):
+                bw.recompile()
         except Exception as error:
             if self.options.on_plan_failure == "raise" or isinstance(error, InfeasibleBudget):
                 raise

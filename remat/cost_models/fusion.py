@@ -48,7 +48,9 @@ copies so that the graph also returns is returned as the copy
 (``Fusion.returned_copies``: weights saved for the backward). A backward, which remat
 compiles without that layout, still reads its forward's channels-last weights, and
 its convolutions copy an input a kernel stored in another layout
-(``_weight_layout_copies``: a recomputed upsampling). Each rule was needed to
+(``_weight_layout_copies``: a recomputed upsampling), unless only they read it: then
+remat makes it channels-last where it is made (``Fusion.made_channels_last``,
+``passes.conv_input_layout``). Each rule was needed to
 come within 10% of the peaks ``benchmarks/predict.py`` measures under Inductor; the
 last two for U-Net plans that recompute convolutions (issue 4: 45.2 MiB predicted
 without them, 55.0 MiB with, 60.2 MiB measured); the pulled matmul for the demo GPT,
@@ -251,6 +253,10 @@ class Fusion:
         (``_returned_input_copies``), the convolution where the copy is made.
     into_cat: for a stored value that its kernel writes straight into its slice of a
         concatenation (``_written_into_cat``), that cat: it has no buffer of its own.
+    made_channels_last: values that only convolutions read, each of which would copy
+        it to channels-last (``_weight_layout_copies``): remat makes them channels-last
+        where they are made instead (``passes.conv_input_layout``), so they are stored
+        once and copied by none.
     """
 
     inlined: set[fx.Node]
@@ -261,6 +267,7 @@ class Fusion:
     pulled: dict[fx.Node, fx.Node]
     returned_copies: dict[fx.Node, fx.Node]
     into_cat: dict[fx.Node, fx.Node]
+    made_channels_last: frozenset[fx.Node] = frozenset()
 
 
 def fuse(
@@ -306,10 +313,13 @@ def fuse(
         if _kernel_local(node, readers.get(node, []), leader, members, returned, inlined, kernels):
             inlined.add(node)
     runs_with = {node: first for node, first in called.items() if first is not node}
+    made_channels_last: frozenset[fx.Node] = frozenset()
     if laid_out:
         copies = _channels_last_copies(nodes, kernels, members, channels_last or {})
     elif channels_last is not None:
         copies = _weight_layout_copies(nodes, kernels, _channels_last_layouts(nodes, repropagated=True))
+        made_channels_last = _only_copied(copies, kernels, members, returned)
+        copies = {(arg, reader): value for (arg, reader), value in copies.items() if arg not in made_channels_last}
     else:
         copies = {}
     returned_copies = _returned_input_copies(nodes, returned) if laid_out else {}
@@ -319,7 +329,7 @@ def fuse(
     }
     in_place = _in_place(kernels, readers, leader, index)
     into_cat = _written_into_cat(nodes, kernels, inlined, members, returned) if on_cpu else {}
-    return Fusion(inlined, runs_with, in_place, copies, loads, pulled, returned_copies, into_cat)
+    return Fusion(inlined, runs_with, in_place, copies, loads, pulled, returned_copies, into_cat, made_channels_last)
 
 
 def _written_into_cat(
@@ -409,8 +419,9 @@ def _weight_layout_copies(
     Where Inductor calls convolution_backward as a fallback instead
     (``inductor_lowers_convolution_backward``), the op makes that copy itself, while it
     runs. On the budget sweep's U-Net, a plan that recomputes the decoder's
-    upsampling allocated 39.10 MiB at its peak, predicted 35.16 MiB without this rule
-    and 39.10 MiB with it (``benchmarks/results/unet_lowest_plan_search.md``).
+    upsampling allocated 39.10 MiB at its peak before ``passes.conv_input_layout``,
+    predicted 35.16 MiB without this rule and 39.10 MiB with it
+    (``benchmarks/results/unet_lowest_plan_search.md``).
     ``channels_last``: ``_channels_last_layouts`` with ``repropagated``."""
     copies = {}
     for reader in nodes:
@@ -429,6 +440,21 @@ def _weight_layout_copies(
                 elif _source(arg) in kernels:
                     copies[arg, reader] = _source(arg)
     return copies
+
+
+def _only_copied(
+    copies: Collection[tuple[fx.Node, fx.Node]], kernels: Collection[fx.Node], members: set[fx.Node], returned: Collection[fx.Node]
+) -> frozenset[fx.Node]:
+    """The values a generated kernel stores that convolutions copy
+    (``_weight_layout_copies``) and that nothing else reads: no other op, no view, not
+    the graph's output."""
+    readers: dict[fx.Node, set[fx.Node]] = {}
+    for arg, reader in copies:
+        readers.setdefault(arg, set()).add(reader)
+    return frozenset(
+        value for value, copying in readers.items()
+        if value in kernels and value not in returned and {user for user in value.users if user in members} == copying
+    )
 
 
 def _returned_input_copies(nodes: Sequence[fx.Node], returned: Collection[fx.Node]) -> dict[fx.Node, fx.Node]:
@@ -519,6 +545,8 @@ def _channels_last_layouts(nodes: Sequence[fx.Node], *, repropagated: bool = Fal
             layouts[node] = True
         elif repropagated and _packet(node) is aten.cat:
             layouts[node] = all(layouts.get(a, True) for a in node.all_input_nodes)
+        elif _packet(node) is aten.clone and node.kwargs.get("memory_format") is torch.channels_last:
+            layouts[node] = True
         elif _inlinable(node) and _packet(node) not in INDEXING or _packet(node) in LAYOUT_KEEPING:
             layouts[node] = any(layouts.get(a, True) for a in node.all_input_nodes if _ndim(a) == 4 and shape(a) == shape(node))
         else:

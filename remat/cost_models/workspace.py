@@ -29,12 +29,13 @@ def _val(arg: object) -> object:
     return arg.meta.get("val") if isinstance(arg, fx.Node) else None
 
 
-def _is_contiguous(t: torch.Tensor) -> bool:
-    """Row-major contiguity at the shape hints (no guards on symbolic shapes)."""
+def _is_dense(t: torch.Tensor) -> bool:
+    """No gaps and no overlaps, in any order of the dimensions (row-major, or
+    channels-last as remat's pass lays out a recomputed upsampling), at the shape
+    hints (no guards on symbolic shapes)."""
     expected = 1
-    for size, stride in reversed(list(zip(t.shape, t.stride()))):
-        size = size_hint(size)
-        if size != 1 and size_hint(stride) != expected:
+    for stride, size in sorted((size_hint(st), size_hint(sz)) for sz, st in zip(t.shape, t.stride()) if size_hint(sz) != 1):
+        if stride != expected:
             return False
         expected *= size
     return True
@@ -43,7 +44,7 @@ def _is_contiguous(t: torch.Tensor) -> bool:
 def _contiguous_copy(t: torch.Tensor) -> int:
     """oneDNN takes dense inputs: a strided one (a slice of a concatenation's
     gradient, say) is copied first."""
-    return 0 if _is_contiguous(t) else _bytes(t)
+    return 0 if _is_dense(t) else _bytes(t)
 
 
 def _uses_onednn(x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilation: list[int], groups: int) -> bool:
