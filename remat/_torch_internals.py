@@ -510,14 +510,18 @@ def no_extern_pulls() -> Iterator[None]:
         choices._last = (None, 0, None)  # the scheduler's nodes go with the compile
 
 
-def _doubles_tile2d_atomic_offset(tile2d_store: Callable[..., Any], vec_store: Callable[..., Any]) -> bool:
+@functools.cache
+def _doubles_tile2d_atomic_offset() -> bool:
     """Whether Inductor's C++ 2-d tiles offset a parallel ``atomic_add`` store twice
     (pytorch/pytorch#191837, torch 2.11 and 2.13): ``CppTile2DKernel.store`` shifts the
     index by the tile's inner loop variable, then ``CppVecKernel.store`` rebuilds it
-    with ``ops.index_expr``, which the tile's overrides shift again."""
+    with ``ops.index_expr``, which the tile's overrides shift again. Read once from
+    Inductor's source, before any patch."""
     import inspect
 
-    tile2d, vec = inspect.getsource(tile2d_store), inspect.getsource(vec_store)
+    from torch._inductor.codegen import cpp
+
+    tile2d, vec = inspect.getsource(cpp.CppTile2DKernel.store), inspect.getsource(cpp.CppVecKernel.store)
     return "new_index = self.transform_indexing(index)" in tile2d and "ops.index_expr(index, torch.int64)" in vec
 
 
@@ -533,10 +537,10 @@ def tile2d_atomic_adds_fixed() -> Iterator[None]:
     changed."""
     from torch._inductor.codegen import cpp
 
-    store = cpp.CppTile2DKernel.store
-    if not _doubles_tile2d_atomic_offset(store, cpp.CppVecKernel.store):
+    if not _doubles_tile2d_atomic_offset():
         yield
         return
+    store = cpp.CppTile2DKernel.store
 
     def store_once(self: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
         parallel_atomic = mode == "atomic_add" and (cpp.config.cpp.dynamic_threads or self.num_threads != 1)

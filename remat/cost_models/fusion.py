@@ -392,7 +392,7 @@ def _channels_last_copies(
     for reader in nodes:
         if reader.target not in CONVOLUTIONS:
             continue
-        for arg in reader.args[: 1 if reader.target is aten.convolution.default else 2]:
+        for arg in _convolution_operands(reader)[1]:
             if not isinstance(arg, fx.Node) or channels_last.get(arg, True):
                 continue
             value = _source(arg)
@@ -425,12 +425,10 @@ def _weight_layout_copies(
     ``channels_last``: ``_channels_last_layouts`` with ``repropagated``."""
     copies = {}
     for reader in nodes:
-        if reader.target is aten.convolution.default:
-            weight, read, copies_itself = reader.args[1], reader.args[:1], False
-        elif reader.target is aten.convolution_backward.default:
-            weight, read, copies_itself = reader.args[2], reader.args[:2], not inductor_lowers_convolution_backward()
-        else:
+        if reader.target not in CONVOLUTIONS:
             continue
+        weight, read = _convolution_operands(reader)
+        copies_itself = reader.target is aten.convolution_backward.default and not inductor_lowers_convolution_backward()
         if not isinstance(weight, fx.Node) or not _is_channels_last(weight, channels_last):
             continue
         for arg in read:
@@ -440,6 +438,15 @@ def _weight_layout_copies(
                 elif _source(arg) in kernels:
                     copies[arg, reader] = _source(arg)
     return copies
+
+
+def _convolution_operands(node: fx.Node) -> tuple[object, tuple[object, ...]]:
+    """A convolution's or convolution_backward's weight, and the inputs whose layout
+    Inductor's lowering sets: a convolution's input; a convolution_backward's output
+    gradient and input."""
+    if node.target is aten.convolution.default:
+        return node.args[1], node.args[:1]
+    return node.args[2], node.args[:2]
 
 
 def _only_copied(

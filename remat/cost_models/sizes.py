@@ -56,6 +56,18 @@ def storage_bytes(value: torch.Tensor) -> int:
     return size_hint(value.untyped_storage().nbytes())
 
 
+def packed_strides(value: torch.Tensor) -> bool:
+    """Whether the elements sit side by side, with no gaps and no overlaps, in some
+    order of the dimensions (row-major, channels-last, ...). Read at the hints:
+    deciding must not add guards (a guard would specialize the compiled graph)."""
+    expected = 1
+    for stride, size in sorted((size_hint(st), size_hint(sz)) for sz, st in zip(value.shape, value.stride()) if size_hint(sz) != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def node_storage_bytes(node: fx.Node) -> int:
     """``storage_bytes`` of the tensor a node makes; 0 for anything else."""
     value = node.meta.get("val")

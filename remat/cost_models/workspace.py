@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import size_hint
-from remat.cost_models.sizes import tensor_size
+from remat.cost_models.sizes import packed_strides, tensor_size
 
 aten = torch.ops.aten
 
@@ -29,22 +29,10 @@ def _val(arg: object) -> object:
     return arg.meta.get("val") if isinstance(arg, fx.Node) else None
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    """No gaps and no overlaps, in any order of the dimensions (row-major, or
-    channels-last as remat's pass lays out a recomputed upsampling), at the shape
-    hints (no guards on symbolic shapes)."""
-    expected = 1
-    for stride, size in sorted((size_hint(st), size_hint(sz)) for sz, st in zip(t.shape, t.stride()) if size_hint(sz) != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _contiguous_copy(t: torch.Tensor) -> int:
     """oneDNN takes dense inputs: a strided one (a slice of a concatenation's
     gradient, say) is copied first."""
-    return 0 if _is_dense(t) else _bytes(t)
+    return 0 if packed_strides(t) else _bytes(t)
 
 
 def _uses_onednn(x: torch.Tensor, weight: torch.Tensor, stride: list[int], dilation: list[int], groups: int) -> bool:

@@ -24,7 +24,7 @@ import torch.fx as fx
 from remat._torch_internals import is_primal, size_hint, storage_key
 from remat.cost_models.memory import MemoryTimeline, order_fusions, simulate_order
 from remat.cost_models.step_time import position_seconds
-from remat.cost_models.sizes import human_bytes, node_tensor, storage_bytes
+from remat.cost_models.sizes import human_bytes, node_tensor, packed_strides, storage_bytes
 from remat.cost_models.transfers import Transfer, TransferSchedule, reload_position, copy_seconds, schedule_transfers
 from remat.passes.recompute_rules import is_view
 from remat.passes.schedule import StepOrder
@@ -34,14 +34,11 @@ def is_dense(tensor: torch.Tensor) -> bool:
     """Whether the elements cover the storage one to one, in some order of dimensions.
     Symbolic sizes are read at their hints: deciding must not add guards (a guard
     would specialize the compiled graph to the traced shapes)."""
-    sizes = [size_hint(s) for s in tensor.shape]
-    strides = [size_hint(t) for t in tensor.stride()]
-    expected = 1
-    for stride, size in sorted((t, s) for s, t in zip(sizes, strides) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return expected * tensor.element_size() == storage_bytes(tensor) and size_hint(tensor.storage_offset()) == 0
+    return (
+        packed_strides(tensor)
+        and size_hint(tensor.numel()) * tensor.element_size() == storage_bytes(tensor)
+        and size_hint(tensor.storage_offset()) == 0
+    )
 
 
 def refusal(node: fx.Node, shared: set[int], user_outputs: set[fx.Node], min_bytes: int) -> str | None:
