@@ -18,16 +18,12 @@ The report, with the command, goes to ``benchmarks/results/buffer_pool.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
-import sys
-from pathlib import Path
 from typing import Any
 
 from benchmarks.budget_sweep import LOWEST, MODELS
-from benchmarks.measure import MIB, REPO_ROOT, Job, fresh_process, machine, machine_summary, run_job, run_pair
+from benchmarks.measure import MIB, REPO_ROOT, Job, fresh_process, report_head, run_job, run_pair
 
 SETTINGS = {"warmup": 2, "steps": 15, "optimizer": None, "threads": 1}
 PAIRS = 3
@@ -65,13 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(_worker(args.worker)), flush=True)
         return
-    command = shlex.join([Path(sys.executable).name, "-m", "benchmarks.buffer_pool"])
     lines = [
-        "# Inductor's buffer pool kept or turned off for the same remat plan",
-        "",
-        f"command: `{command}`",
-        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"machine: {machine_summary(machine(), SETTINGS['threads'])}",
+        *report_head("Inductor's buffer pool kept or turned off for the same remat plan", "benchmarks.buffer_pool", SETTINGS["threads"]),
         "peak: VmHWM - VmRSS across one step in a fresh process (benchmarks.measure); time: median of "
         f"{SETTINGS['steps']} steps, each pair timed step by step in turn in one process, {PAIRS} processes per pool setting",
         "",

@@ -33,6 +33,7 @@ import argparse
 import copy
 import ctypes
 import dataclasses
+import datetime
 import gc
 import importlib
 import json
@@ -40,6 +41,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -406,6 +408,19 @@ def machine_summary(info: Mapping[str, Any], threads: int | None) -> str:
         f"{info['cpu']} ({info['cpu_count']} CPUs{gpu}), torch {info['torch']}, "
         f"Python {info['python']}, {per_worker} per worker"
     )
+
+
+def report_head(title: str, module: str, threads: int | None) -> list[str]:
+    """A report's first lines: its title, the command that writes it (``python -m
+    module``), the date and the machine."""
+    command = shlex.join([Path(sys.executable).name, "-m", module])
+    return [
+        f"# {title}",
+        "",
+        f"command: `{command}`",
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"machine: {machine_summary(machine(), threads)}",
+    ]
 
 
 def spec_summary(spec: ModelSpec) -> str:

@@ -20,6 +20,7 @@ from remat.options import RematOptions
 from remat.passes.budget import InfeasibleBudget
 from remat.passes.conv_input_layout import make_conv_inputs_channels_last
 from remat.passes.gradient_slices import copy_out_waiting_slices
+from remat.passes.upsample_gradients import nearest_upsample_gradients
 from remat.passes.weight_gradients import weight_gradients_first
 from remat.passes.remat import MinCutResult, solve_min_cut
 from remat.cost_models.runtime import make_estimator
@@ -80,8 +81,9 @@ class RematPartitioner:
             return results[-1].saved
 
         try:
+            rewritten = nearest_upsample_gradients(joint_module.graph)
             reordered = weight_gradients_first(joint_module.graph)
-            if copy_out_waiting_slices(joint_module.graph) or reordered:
+            if copy_out_waiting_slices(joint_module.graph) or reordered or rewritten:
                 joint_module.recompile()
             fw, bw = internals.partition_with(
                 choose, joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs

@@ -12,7 +12,11 @@ and ``make_input(spec)`` the input batch. The tensor flowing through the layers 
 shape ``(batch, channels)``, ``(batch, channels, length)`` or ``(batch, channels,
 height, width)``; linear layers act on the last dimension, convolutions (1d or 2d by
 rank) and norms on the channel dimension (LayerNorm on the last one); a concatenation
-joins a shape-keeping layer's output and its input on the channel dimension.
+joins a shape-keeping layer's output and its input on the channel dimension; a nearest
+upsampling scales both sides of an image by 2 or 3 (its gradient's scatter-add becomes
+a window sum, ``passes.upsample_gradients``). Not a sequence's length: Inductor's C++
+scatter for that gradient fails to compile on two threads at length 1, under remat as
+without it (torch 2.13).
 """
 
 from __future__ import annotations
@@ -99,9 +103,15 @@ class Tag:
     residual: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Upsample:
+    scale: int  # nearest, on both sides of an image
+    residual: bool = False  # never: the shape changes
+
+
 TAG_NAMES = ("a", "b")
 
-Layer = Union[Linear, Conv, Norm, Act, View, Dropout, Attention, Tag, "Concat"]
+Layer = Union[Linear, Conv, Norm, Act, View, Dropout, Attention, Tag, Upsample, "Concat"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +149,8 @@ def output_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*shape[:-1], layer.out)
     if isinstance(layer, Conv):
         return (shape[0], layer.out, *shape[2:])
+    if isinstance(layer, Upsample):
+        return (*shape[:2], *(side * layer.scale for side in shape[2:]))
     return shape
 
 
@@ -160,6 +172,8 @@ def layer_specs(draw: st.DrawFn, shape: tuple[int, ...], keep_shape: bool = Fals
         kinds.append("conv")
     if len(shape) == 3:
         kinds.append("attention")
+    if not keep_shape and len(shape) == 4 and max(shape[2:]) <= MAX_SIDE:
+        kinds.append("upsample")
     if not keep_shape and shape[1] <= MAX_WIDTH:
         kinds.append("concat")
     kind = draw(st.sampled_from(kinds))
@@ -193,6 +207,8 @@ def layer_specs(draw: st.DrawFn, shape: tuple[int, ...], keep_shape: bool = Fals
         layer = Tag(name=draw(st.sampled_from(TAG_NAMES)))
     elif kind == "attention":
         layer = Attention(causal=draw(st.booleans()))
+    elif kind == "upsample":
+        return Upsample(scale=draw(st.sampled_from([2, 3])))
     else:
         layer = Dropout(p=draw(st.sampled_from([0.5, 0.1, 0.0])))
     if output_shape(layer, shape) == shape and draw(st.booleans()):
@@ -363,6 +379,8 @@ def _build_layer(layer: Layer, shape: tuple[int, ...]) -> nn.Module:
         module = Tagged(layer.name)
     elif isinstance(layer, Attention):
         module = SelfAttention(layer.causal)
+    elif isinstance(layer, Upsample):
+        module = nn.Upsample(scale_factor=float(layer.scale), mode="nearest")
     else:
         module = nn.Dropout(layer.p)
     return Residual(module) if layer.residual else module

@@ -107,6 +107,7 @@ INDEXING = frozenset(
         aten.gather,
         aten.index,
         aten._unsafe_index,
+        aten.upsample_nearest2d_backward,  # windows of up to 25 elements (passes.upsample_gradients)
         aten.constant_pad_nd,
         aten.slice_scatter,
         aten.select_scatter,
