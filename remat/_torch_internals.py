@@ -498,13 +498,19 @@ def __getattr__(name: str) -> Any:
 def no_extern_pulls() -> Iterator[None]:
     """Inductor compiles in this context refuse fusions that pull an extern kernel
     ahead (``_no_extern_pull_choices``). The scheduler asks ``V.choices``; the config
-    entry puts the choice in the graph cache's key."""
+    entry puts the choice in the graph cache's key. The AOTAutograd cache's key leaves
+    it out (torch 2.13): an entry it saved here pointed a later default compile of the
+    same function at this compile's graphs, so it is off in this context."""
     from torch._inductor import config as inductor_config
     from torch._inductor.virtualized import V
 
     choices = _no_extern_pull_choices()
     try:
-        with inductor_config.patch(inductor_choices_class=choices), V.set_choices_handler(choices()):
+        with (
+            inductor_config.patch(inductor_choices_class=choices),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+            V.set_choices_handler(choices()),
+        ):
             yield
     finally:
         choices._last = (None, 0, None)  # the scheduler's nodes go with the compile

@@ -5,8 +5,8 @@ decomposition, an ``_unsafe_index`` gather, so its gradient reaches the joint gr
 ``index_put(zeros, [None, None, rows, cols], grad, accumulate=True)``. Inductor
 compiles that to a zero fill and one read-modify-write per gradient element. Where the
 gradient is channels-last (a CPU backward reading channels-last convolutions) those
-writes stride across the channels of an NCHW buffer: 28 ms for a (8, 64, 64, 64)
-gradient on one CPU thread, where ``aten.upsample_nearest2d_backward`` takes 0.24 ms
+writes stride across the channels of an NCHW buffer: 27.6 ms for a (8, 64, 64, 64)
+gradient on one CPU thread, where ``aten.upsample_nearest2d_backward`` takes 0.29 ms
 (``benchmarks/results/upsample_gradient.md``). That op is the same sum, the one eager
 PyTorch computes for this gradient; Inductor lowers it to a sum over each output
 element's window, read straight from the gradient and inlined into its readers.
