@@ -89,7 +89,7 @@ def _worker(payload: str) -> dict[str, Any]:
     if not request["rewrite"]:
         import remat.partition
 
-        remat.partition.nearest_upsample_gradients = lambda graph: 0
+        remat.partition.nearest_upsample_gradients = lambda graph, any_layout: 0
     jobs = [Job.from_json(json.dumps(job)) for job in request["jobs"]]
     return run_job(jobs[0]) if len(jobs) == 1 else run_pair(*jobs)
 

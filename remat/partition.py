@@ -81,7 +81,7 @@ class RematPartitioner:
             return results[-1].saved
 
         try:
-            rewritten = nearest_upsample_gradients(joint_module.graph)
+            rewritten = nearest_upsample_gradients(joint_module.graph, any_layout=self.options.inner_compiler == "inductor")
             reordered = weight_gradients_first(joint_module.graph)
             if copy_out_waiting_slices(joint_module.graph) or reordered or rewritten:
                 joint_module.recompile()

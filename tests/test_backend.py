@@ -133,7 +133,7 @@ def test_a_decoder_backward_on_two_threads_scatters_its_upsampling_gradient_in_b
     bounds and aborted the process. remat's compiles give the store its index once
     (``_torch_internals.tile2d_atomic_adds_fixed``). The scatter is kept here as it is
     where ``passes.upsample_gradients`` cannot prove a window sum the same."""
-    monkeypatch.setattr(remat.partition, "nearest_upsample_gradients", lambda graph: 0)
+    monkeypatch.setattr(remat.partition, "nearest_upsample_gradients", lambda graph, any_layout: 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

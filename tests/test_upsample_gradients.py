@@ -51,7 +51,7 @@ def _rewrites(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, mode: str 
     """How many scatter-adds the pass rewrites in ``fn``'s graph; checks that the graph
     still computes what ``fn`` does."""
     gm = make_fx(fn, tracing_mode=mode)(*inputs)
-    rewritten = nearest_upsample_gradients(gm.graph)
+    rewritten = nearest_upsample_gradients(gm.graph, any_layout=False)
     gm.recompile()
     targets = {node.target for node in gm.graph.nodes}
     assert (aten.upsample_nearest2d_backward.default in targets) == (rewritten > 0)
@@ -65,7 +65,7 @@ def test_a_scatter_add_at_nearest_indices_becomes_a_window_sum(scales: tuple[int
     fn = _scatter_add(*size)
     assert _rewrites(fn, _gradient(*size)) == 1
     gm = make_fx(fn, tracing_mode="fake")(_gradient(*size))
-    nearest_upsample_gradients(gm.graph)
+    nearest_upsample_gradients(gm.graph, any_layout=False)
     # the zero fill and the indices only the scatter read are gone with it
     assert not {aten.index_put.default, aten.full.default, torch.ops.prims.iota.default} & {n.target for n in gm.graph.nodes}
 
@@ -99,7 +99,7 @@ def test_a_zero_base_read_elsewhere_is_left_alone() -> None:
         return aten.index_put(base, [None, None, _nearest(2 * H, H)[:, None], _nearest(2 * W, W)], grad, True), base
 
     gm = make_fx(scatter, tracing_mode="fake")(_gradient(2 * H, 2 * W))
-    assert nearest_upsample_gradients(gm.graph) == 0
+    assert nearest_upsample_gradients(gm.graph, any_layout=False) == 0
 
 
 def test_symbolic_shapes_are_left_alone() -> None:
@@ -127,6 +127,17 @@ def test_an_upsampling_model_gets_a_window_sum_where_proven(scale: float, window
     targets = _backward_targets(Upsampling(scale), x, {"inner_compiler": "eager"})
     assert (aten.upsample_nearest2d_backward.default in targets) == window_sum
     assert (aten.index_put.default in targets) != window_sum
+
+
+@pytest.mark.parametrize("inner_compiler, window_sum", [("eager", False), ("inductor", True)])
+def test_a_channels_last_gradient_is_summed_over_windows_only_under_inductor(inner_compiler: str, window_sum: bool) -> None:
+    """The window sum is channels-last like the gradient, the scatter contiguous like
+    its zeros: op by op the readers would see the new layout, so only Inductor, which
+    lays out what it computes itself, gets it."""
+    model = Upsampling(2.0).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    targets = _backward_targets(model, x, {"inner_compiler": inner_compiler})
+    assert (aten.upsample_nearest2d_backward.default in targets) == window_sum
 
 
 @pytest.mark.parametrize("inner_compiler", ["eager", "inductor"])

@@ -44,9 +44,16 @@ MAX_WINDOW = 25
 MAX_INDEX_OPS = 32
 
 
-def nearest_upsample_gradients(graph: fx.Graph) -> int:
+def nearest_upsample_gradients(graph: fx.Graph, any_layout: bool) -> int:
     """Replace each scatter-add of the joint ``graph`` that sums a 2-d nearest
-    upsampling's gradient with ``aten.upsample_nearest2d_backward``; returns how many."""
+    upsampling's gradient with ``aten.upsample_nearest2d_backward``; returns how many.
+
+    The window sum is laid out like the gradient (channels-last in a CPU backward
+    that reads channels-last convolutions), the scatter like its zeros (contiguous).
+    Inductor lays out what it computes from the ops that read it (``any_layout``), but
+    run op by op the new layout reaches the readers, where a ``view`` traced on the
+    contiguous result may not apply: there the rewrite is made only where the two
+    layouts agree."""
     rewritten = 0
     for node in list(graph.nodes):
         sizes = _window_sum_sizes(node)
@@ -57,6 +64,9 @@ def nearest_upsample_gradients(graph: fx.Graph) -> int:
             window_sum = graph.call_function(aten.upsample_nearest2d_backward.default, (values, *sizes, None, None))
         window_sum.meta = {**node.meta, "original_aten": aten.upsample_nearest2d_backward.default}
         derive_value(window_sum)
+        if not any_layout and window_sum.meta["val"].stride() != node.meta["val"].stride():
+            graph.erase_node(window_sum)
+            continue
         node.replace_all_uses_with(window_sum)
         graph.erase_node(node)
         for unread in (base, *indices):
