@@ -62,7 +62,9 @@ def nearest_upsample_gradients(graph: fx.Graph, any_layout: bool) -> int:
         base, indices, values = node.args[:3]
         with graph.inserting_before(node):
             window_sum = graph.call_function(aten.upsample_nearest2d_backward.default, (values, *sizes, None, None))
-        window_sum.meta = {**node.meta, "original_aten": aten.upsample_nearest2d_backward.default}
+        # the scatter's meta (its stack trace, for Inductor's kernel names), less its tensor_meta
+        window_sum.meta = {key: value for key, value in node.meta.items() if key != "tensor_meta"}
+        window_sum.meta["original_aten"] = aten.upsample_nearest2d_backward.default
         derive_value(window_sum)
         if not any_layout and window_sum.meta["val"].stride() != node.meta["val"].stride():
             graph.erase_node(window_sum)
@@ -142,12 +144,13 @@ def _are_nearest_indices(rows: torch.Tensor, cols: torch.Tensor, size: torch.Siz
 
 
 def _constant_value(node: object) -> torch.Tensor | None:
-    """The value of ``node`` evaluated on the CPU (real kernels), where it is computed from constants
-    alone by at most ``MAX_INDEX_OPS`` deterministic ATen ops; else None."""
+    """The value of ``node`` evaluated on the CPU (call under ``real_kernels``), where
+    it is computed from constants alone by at most ``MAX_INDEX_OPS`` deterministic ATen
+    ops; else None."""
     if not isinstance(node, fx.Node):
         return None
     order: list[fx.Node] = []
-    if not _constant_ancestors(node, order, set()) or len(order) > MAX_INDEX_OPS:
+    if not _constant_ancestors(node, order, set()):
         return None
     values: dict[fx.Node, object] = {}
     for member in order:
