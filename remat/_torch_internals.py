@@ -500,16 +500,21 @@ def no_extern_pulls() -> Iterator[None]:
     ahead (``_no_extern_pull_choices``). The scheduler asks ``V.choices``; the config
     entry puts the choice in the graph cache's key. The AOTAutograd cache's key leaves
     it out (torch 2.13): an entry it saved here pointed a later default compile of the
-    same function at this compile's graphs, so it is off in this context."""
+    same function at this compile's graphs, so it is off in this context.
+
+    The handler is set before the config is patched: setting it first makes the
+    thread's default handler, which is then kept for good, from the config; made from
+    the patched one, every later Inductor compile in the thread, remat's or not, would
+    refuse these fusions."""
     from torch._inductor import config as inductor_config
     from torch._inductor.virtualized import V
 
     choices = _no_extern_pull_choices()
     try:
         with (
+            V.set_choices_handler(choices()),
             inductor_config.patch(inductor_choices_class=choices),
             torch._functorch.config.patch(enable_autograd_cache=False),
-            V.set_choices_handler(choices()),
         ):
             yield
     finally:

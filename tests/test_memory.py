@@ -5,6 +5,7 @@ shapes, and fast enough for a solver to call on ten-thousand-node graphs."""
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import torch
@@ -162,17 +163,40 @@ def test_inductor_under_remat_leaves_the_matmul_in_place() -> None:
     fuses into the earlier and the matmul runs first; under ``no_extern_pulls`` (every
     remat compile) the order stays and the kernels stay two. Inductor 2.11 made that
     fusion on a 16-core GPU machine and not on the 2-core CPU one."""
-    args = (torch.randn(256, 1024), torch.randn(1024, 1024), torch.randn(256, 1024))
-
-    def calls(code: str) -> list[str]:
-        body = code[code.index("def call(") :]
-        return ["mm" if "extern_kernels.mm(" in line else "kernel" for line in body.splitlines() if "extern_kernels.mm(" in line or "cpp_fused" in line]
-
-    default = calls(internals.generated_code(torch.compile(_pulls_a_matmul), *args))
+    default = _calls(internals.generated_code(torch.compile(_pulls_a_matmul), *_PULL_ARGS))
     assert default == ["mm", "kernel", "mm"] or torch.__version__ < (2, 13), default
     torch._dynamo.reset()
     with internals.no_extern_pulls():
-        assert calls(internals.generated_code(torch.compile(_pulls_a_matmul), *args)) == ["kernel", "mm", "mm", "kernel"]
+        assert _calls(internals.generated_code(torch.compile(_pulls_a_matmul), *_PULL_ARGS)) == ["kernel", "mm", "mm", "kernel"]
+
+
+_PULL_ARGS = (torch.randn(256, 1024), torch.randn(1024, 1024), torch.randn(256, 1024))
+
+
+def _calls(code: str) -> list[str]:
+    """The extern matmuls and generated kernels of Inductor's ``call``, in order."""
+    body = code[code.index("def call(") :]
+    return ["mm" if "extern_kernels.mm(" in line else "kernel" for line in body.splitlines() if "extern_kernels.mm(" in line or "cpp_fused" in line]
+
+
+@pytest.mark.skipif(torch.__version__ < (2, 13), reason="Inductor 2.11's default fusion here depends on the machine (above)")
+def test_a_remat_compile_leaves_inductor_its_own_choices() -> None:
+    """Inductor makes a thread's default choices handler once, from its config, when
+    first asked. Asked first inside ``no_extern_pulls`` with the config patched, it kept
+    remat's veto for every later compile of the thread: a plain ``torch.compile`` after
+    a remat compile ran the matmul second (found when the test above ran after
+    another test's remat compile). A fresh thread has no handler yet."""
+    found: list[list[str]] = []
+
+    def in_a_fresh_thread() -> None:
+        with internals.no_extern_pulls():
+            pass
+        found.append(_calls(internals.generated_code(torch.compile(_pulls_a_matmul), *_PULL_ARGS)))
+
+    worker = threading.Thread(target=in_a_fresh_thread)
+    worker.start()
+    worker.join()
+    assert found == [["mm", "kernel", "mm"]]
 
 
 def _copy_made_late(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
