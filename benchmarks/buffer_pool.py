@@ -23,7 +23,7 @@ import statistics
 from typing import Any
 
 from benchmarks.budget_sweep import LOWEST, MODELS
-from benchmarks.measure import MIB, REPO_ROOT, Job, fresh_process, report_head, run_job, run_pair
+from benchmarks.measure import MIB, REPO_ROOT, Job, forced_jobs_payload, fresh_process, report_head, run_requested_jobs
 
 SETTINGS = {"warmup": 2, "steps": 15, "optimizer": None, "threads": 1}
 PAIRS = 3
@@ -39,12 +39,11 @@ def _force(pool: bool) -> None:
 def _worker(payload: str) -> dict[str, Any]:
     request = json.loads(payload)
     _force(request["pool"])
-    jobs = [Job.from_json(json.dumps(job)) for job in request["jobs"]]
-    return run_job(jobs[0]) if len(jobs) == 1 else run_pair(*jobs)
+    return run_requested_jobs(request)
 
 
 def _run(pool: bool, *jobs: Job) -> dict[str, Any]:
-    payload = json.dumps({"pool": pool, "jobs": [json.loads(job.to_json()) for job in jobs]})
+    payload = forced_jobs_payload({"pool": pool}, jobs)
     return fresh_process("benchmarks.buffer_pool", payload, jobs[0].metric, f"pool={pool}")
 
 

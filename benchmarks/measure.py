@@ -650,6 +650,18 @@ def run_job(job: Job) -> dict[str, Any]:
     return _finish(prepared, times)
 
 
+def forced_jobs_payload(setting: Mapping[str, Any], jobs: Sequence[Job]) -> str:
+    """The request a benchmark's forcing worker reads: ``setting`` (what the worker forces
+    before it measures, e.g. a pass turned off) and one job or a pair."""
+    return json.dumps({**setting, "jobs": [json.loads(job.to_json()) for job in jobs]})
+
+
+def run_requested_jobs(request: Mapping[str, Any]) -> dict[str, Any]:
+    """Measure the job of a ``forced_jobs_payload`` request, or time its pair."""
+    jobs = [Job.from_json(json.dumps(job)) for job in request["jobs"]]
+    return run_job(jobs[0]) if len(jobs) == 1 else run_pair(*jobs)
+
+
 def run_pair(first: Job, second: Job) -> dict[str, Any]:
     """Time two strategies in one process, step by step in turn (first-second, then
     second-first), so that both see the same moments of a noisy machine: their ratio is

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks.budget_sweep import LOWEST, MODELS
-from benchmarks.measure import MIB, REPO_ROOT, Job, fresh_process, report_head, run_job, run_pair
+from benchmarks.measure import MIB, REPO_ROOT, Job, forced_jobs_payload, fresh_process, report_head, run_requested_jobs
 
 SETTINGS = {"warmup": 2, "steps": 15, "optimizer": None, "threads": 1}
 PAIRS = 3
@@ -90,12 +90,11 @@ def _worker(payload: str) -> dict[str, Any]:
         import remat.partition
 
         remat.partition.nearest_upsample_gradients = lambda graph, any_layout: 0
-    jobs = [Job.from_json(json.dumps(job)) for job in request["jobs"]]
-    return run_job(jobs[0]) if len(jobs) == 1 else run_pair(*jobs)
+    return run_requested_jobs(request)
 
 
 def _run(rewrite: bool, *jobs: Job) -> dict[str, Any]:
-    payload = json.dumps({"rewrite": rewrite, "jobs": [json.loads(job.to_json()) for job in jobs]})
+    payload = forced_jobs_payload({"rewrite": rewrite}, jobs)
     return fresh_process("benchmarks.upsample_gradient", payload, jobs[0].metric, f"rewrite={rewrite}")
 
 

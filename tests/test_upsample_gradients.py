@@ -148,14 +148,7 @@ def test_gradients_with_the_window_sum_equal_eager(inner_compiler: str, channels
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    model(x).backward()
-    expected = [x.grad, *(p.grad for p in model.parameters())]
-    x.grad = None
-    model.zero_grad()
-    compiled = torch.compile(model, backend="remat", options={"inner_compiler": inner_compiler, "on_plan_failure": "raise"})
-    compiled(x).backward()
-    for got, want in zip([x.grad, *(p.grad for p in model.parameters())], expected, strict=True):
-        torch.testing.assert_close(got, want)
+    _assert_gradients_equal_eager(model, x, {"inner_compiler": inner_compiler, "on_plan_failure": "raise"})
 
 
 def test_a_small_upsampling_compiles_on_two_threads() -> None:
@@ -165,15 +158,30 @@ def test_a_small_upsampling_compiles_on_two_threads() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(21, 12, 3, padding=1), nn.Upsample(scale_factor=3.0), nn.Flatten(), nn.Linear(12 * 6 * 3, 1))
     x = torch.randn(8, 21, 2, 1, requires_grad=True)
-    model(x).square().mean().backward()
-    expected = [x.grad, *(p.grad for p in model.parameters())]
-    x.grad = None
-    model.zero_grad()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        torch.compile(model, backend="remat", options={"on_plan_failure": "raise"})(x).square().mean().backward()
+        _assert_gradients_equal_eager(nn.Sequential(model, _MeanSquare()), x, {"on_plan_failure": "raise"})
     finally:
         torch.set_num_threads(threads)
-    for got, want in zip([x.grad, *(p.grad for p in model.parameters())], expected, strict=True):
+
+
+class _MeanSquare(nn.Module):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y.square().mean()
+
+
+def _assert_gradients_equal_eager(model: nn.Module, x: torch.Tensor, options: dict) -> None:
+    """One backward of ``model(x)`` (a scalar loss) eagerly and under remat with
+    ``options``: the input's and the parameters' gradients agree."""
+
+    def gradients() -> list[torch.Tensor]:
+        return [x.grad, *(p.grad for p in model.parameters())]
+
+    model(x).backward()
+    expected = gradients()
+    x.grad = None
+    model.zero_grad()
+    torch.compile(model, backend="remat", options=options)(x).backward()
+    for got, want in zip(gradients(), expected, strict=True):
         torch.testing.assert_close(got, want)
