@@ -381,6 +381,32 @@ def test_budget_sweep_checks_catch_each_failure() -> None:
     assert "honored (peak <= 1.05 x budget, 1 feasible budgets; below remat's lowest simulated peak, so not checked: b): yes" in lines
 
 
+def test_budget_sweep_settles_a_peak_on_the_median_of_fresh_processes(monkeypatch) -> None:
+    """The lowest-plan check is a ratio of two peaks: each is the median of several
+    processes, and the report lists every value it came from."""
+    from benchmarks import budget_sweep
+    from benchmarks.budget_sweep import Row, checks, settle_peak
+
+    asked: list[tuple[str, dict]] = []
+
+    def run_worker(job):
+        asked.append((job.metric, job.options))
+        return {"peak_bytes": [41, 39][len(asked) - 1] * 2**20}
+
+    monkeypatch.setattr(budget_sweep, "run_worker", run_worker)
+    floor = Row("pytorch 0.1", "compile-budget", {"activation_memory_budget": 0.1}, None, 30 * 2**20, 1.0)
+    settle_peak(None, floor, {"warmup": 2, "steps": 1, "optimizer": None, "threads": 1}, repeats=3)
+    assert asked == [("peak", {"activation_memory_budget": 0.1})] * 2
+    assert floor.peak_bytes == 39 * 2**20 and floor.detail["peaks_bytes"] == [30 * 2**20, 41 * 2**20, 39 * 2**20]
+    lowest = Row("remat lowest plan", "remat", {}, None, 27 * 2**20, 0.9)
+    lowest.detail["timed_against"] = {"name": floor.name, "step_s": 1.0, "ratio": 0.9}
+    line = checks([floor], [], [], lowest)[-1]
+    assert line.startswith(
+        "lowest plan: 27.0 MiB = 0.692x PyTorch's lowest (pytorch 0.1, 39.0 MiB (median of 30.00, 41.00, 39.00 MiB);"
+    ), line
+    assert line.endswith("step 0.900 s against 1.000 s (0.900x, timed together): yes"), line
+
+
 def test_budget_sweep_writes_what_it_measured_before_it_ends(tmp_path, monkeypatch) -> None:
     """A sweep cut off (a device's time limit) leaves the points measured so far."""
     from benchmarks import budget_sweep
