@@ -116,7 +116,7 @@ def settle_peak(spec: ModelSpec, row: Row, settings: dict[str, Any], repeats: in
     ]
     row.detail["peaks_bytes"] = peaks
     row.peak_bytes = int(statistics.median(peaks))
-    print(f"  {row.name}: {row.peak_bytes / MIB:.1f} MiB ({_peaks(row)})", flush=True)
+    print(f"  {row.name}: {row.peak_bytes / MIB:.1f} MiB{_peaks(row)}", flush=True)
 
 
 def measure_pair(spec: ModelSpec, baseline: Row, row: Row, settings: dict[str, Any], pairs: int) -> float:

@@ -381,7 +381,7 @@ def test_budget_sweep_checks_catch_each_failure() -> None:
     assert "honored (peak <= 1.05 x budget, 1 feasible budgets; below remat's lowest simulated peak, so not checked: b): yes" in lines
 
 
-def test_budget_sweep_settles_a_peak_on_the_median_of_fresh_processes(monkeypatch) -> None:
+def test_budget_sweep_settles_a_peak_on_the_median_of_fresh_processes(monkeypatch, capsys) -> None:
     """The lowest-plan check is a ratio of two peaks: each is the median of several
     processes, and the report lists every value it came from."""
     from benchmarks import budget_sweep
@@ -398,6 +398,7 @@ def test_budget_sweep_settles_a_peak_on_the_median_of_fresh_processes(monkeypatc
     settle_peak(None, floor, {"warmup": 2, "steps": 1, "optimizer": None, "threads": 1}, repeats=3)
     assert asked == [("peak", {"activation_memory_budget": 0.1})] * 2
     assert floor.peak_bytes == 39 * 2**20 and floor.detail["peaks_bytes"] == [30 * 2**20, 41 * 2**20, 39 * 2**20]
+    assert capsys.readouterr().out == "  pytorch 0.1: 39.0 MiB (median of 30.00, 41.00, 39.00 MiB)\n"
     lowest = Row("remat lowest plan", "remat", {}, None, 27 * 2**20, 0.9)
     lowest.detail["timed_against"] = {"name": floor.name, "step_s": 1.0, "ratio": 0.9}
     line = checks([floor], [], [], lowest)[-1]
