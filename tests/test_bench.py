@@ -328,7 +328,7 @@ def test_demo_prints_the_shared_table(monkeypatch: pytest.MonkeyPatch, capsys: A
     from benchmarks import demo
 
     plan = {"graph": "graph_0", "partitioner": "remat-budget", "saved_bytes": 2**20, "kept": 3, "recomputed": 4,
-            "fallback_reason": None}
+            "fallback_reason": None, "predicted_fused_peak_bytes": 69 * 2**20}
     asked: dict[str, Any] = {}
 
     def fake_measure(spec: ModelSpec, strategy: str, options: Any = None, **settings: Any) -> dict[str, Any]:
@@ -346,6 +346,8 @@ def test_demo_prints_the_shared_table(monkeypatch: pytest.MonkeyPatch, capsys: A
     assert "| torch.compile(backend='remat') (Inductor) | 70.0 | 0.800 | 0.44 | 1.00 |" in out
     assert "remat plan graph_0 (remat-budget): 3 kept" in out
     assert "80.0 MiB above the parameters and inputs; remat's measured peak above them: 70.0 MiB (within" in out
+    assert "simulated peak of graph_0 (what memory_budget bounds): 69.0 MiB above the parameters and inputs" in out
+    assert demo.verdict(81.3 * 2**20, 81.2 * 2**20) == "OVER the budget by 0.10 MiB, 0.1%"
 
 
 def test_budget_sweep_checks_catch_each_failure() -> None:
