@@ -31,6 +31,7 @@ dynamic program against.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -471,26 +472,11 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     kept = np.zeros((count + 1, size))
     came_from = np.full((count + 1, size, 2), -1, dtype=np.int64)  # (cost index, source bucket)
     seconds[0, 0] = 0.0
+    table = _GroupTable(costs)
     for i in range(count):
         sources = np.nonzero(np.isfinite(seconds[i]))[0]
-        for index in by_start.get(i, ()):
-            cost = costs[index]
-            start = sources[kept[i, sources] + cost.top <= budget]
-            if not start.size:
-                continue
-            after = kept[i, start] + cost.kept
-            totals = seconds[i, start] + cost.seconds
-            targets = np.minimum((after / unit).astype(np.int64), size - 1)
-            best = np.lexsort((after, totals, targets))  # per target: fastest, then fewest bytes
-            first = best[np.r_[True, targets[best][1:] != targets[best][:-1]]]
-            end, target = cost.group.last + 1, targets[first]
-            current, current_kept = seconds[end, target], kept[end, target]
-            better = (totals[first] < current) | ((totals[first] == current) & (after[first] < current_kept))
-            chosen, target = first[better], target[better]
-            seconds[end, target] = totals[chosen]
-            kept[end, target] = after[chosen]
-            came_from[end, target, 0] = index
-            came_from[end, target, 1] = start[chosen]
+        for batch in table.batches(by_start.get(i, [])):
+            _extend(table, batch, sources, i, budget, unit, seconds, kept, came_from)
     if not np.isfinite(seconds[count]).any():
         return None
     at, position, groups = int(np.argmin(seconds[count])), count, []
@@ -499,6 +485,79 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
         groups.append(costs[index].group)
         position = costs[index].group.first
     return groups[::-1]
+
+
+class _GroupTable:
+    """The costs of ``solve_dp``'s groups as arrays, by index."""
+
+    def __init__(self, costs: Sequence[GroupCost]) -> None:
+        self.tops = np.array([c.top for c in costs])
+        self.kept = np.array([c.kept for c in costs])
+        self.seconds = np.array([c.seconds for c in costs])
+        self.ends = np.array([c.group.last + 1 for c in costs], dtype=np.int64)
+
+    def batches(self, indices: list[int]) -> list[np.ndarray]:
+        """``indices`` (groups that start together) in the batches ``_extend`` takes:
+        those that end apart never compete, so all of them in one, by end; those that
+        end together, one at a time in order (the earliest wins a tie)."""
+        ends = Counter(self.ends[j] for j in indices)
+        apart = sorted((j for j in indices if ends[self.ends[j]] == 1), key=lambda j: self.ends[j])
+        together = [np.array([j]) for j in indices if ends[self.ends[j]] > 1]
+        return [np.array(apart), *together] if apart else together
+
+
+def _extend(
+    table: _GroupTable,
+    batch: np.ndarray,
+    sources: np.ndarray,
+    start: int,
+    budget: float,
+    unit: float,
+    seconds: np.ndarray,
+    kept: np.ndarray,
+    came_from: np.ndarray,
+) -> None:
+    """One step of ``solve_dp``: the groups ``batch`` (indices into ``table``, by end;
+    no two end together) appended to the partial plans that end at segment ``start``,
+    each kept in the state it reaches where it is faster (or as fast with fewer
+    bytes) than what is there."""
+    size = seconds.shape[1]
+    source_kept, source_seconds = kept[start, sources], seconds[start, sources]
+    # a bucket's bytes lie within it, so the sources' kept bytes never decrease: each
+    # group fits from a prefix of them, and the states it reaches never decrease
+    fitting = np.count_nonzero(source_kept[None, :] + table.tops[batch][:, None] <= budget, axis=1)
+    rows = np.repeat(batch, fitting)
+    if not rows.size:
+        return
+    columns = np.arange(rows.size) - np.repeat(np.cumsum(fitting) - fitting, fitting)
+    after = source_kept[columns] + table.kept[rows]
+    totals = source_seconds[columns] + table.seconds[rows]
+    ends = table.ends[rows]
+    targets = np.minimum((after / unit).astype(np.int64), size - 1)
+    first = _fastest_per_run(ends * size + targets, totals)  # fewest bytes on ties: the earliest
+    end, target = ends[first], targets[first]
+    current, current_kept = seconds[end, target], kept[end, target]
+    better = (totals[first] < current) | ((totals[first] == current) & (after[first] < current_kept))
+    chosen, end, target = first[better], end[better], target[better]
+    seconds[end, target] = totals[chosen]
+    kept[end, target] = after[chosen]
+    came_from[end, target, 0] = rows[chosen]
+    came_from[end, target, 1] = sources[columns[chosen]]
+
+
+def _fastest_per_run(keys: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """For each run of equal ``keys`` (which never decrease), the position of its least
+    total, the earliest of equal ones."""
+    boundary = np.empty(keys.size, dtype=bool)
+    boundary[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=boundary[1:])
+    run = np.cumsum(boundary) - 1
+    least = np.minimum.reduceat(totals, np.flatnonzero(boundary))
+    at_least = np.flatnonzero(totals == least[run])
+    firsts = np.empty(at_least.size, dtype=bool)
+    firsts[0] = True
+    np.not_equal(run[at_least[1:]], run[at_least[:-1]], out=firsts[1:])
+    return at_least[firsts]
 
 
 def solve_ilp(problem: BudgetProblem, budget: float) -> list[Group] | None:
