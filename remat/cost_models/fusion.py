@@ -86,6 +86,7 @@ from remat._torch_internals import (
     is_op_overload,
     size_hint,
 )
+from remat.cost_models.node_memo import input_nodes, per_node
 from remat.cost_models.sizes import node_storage_bytes, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 
@@ -156,11 +157,13 @@ STORED_READERS = REDUCTIONS | frozenset(
 )
 
 
+@per_node
 def _packet(node: fx.Node) -> object:
     target = node.target
     return target.overloadpacket if is_op_overload(target) else target
 
 
+@per_node
 def _inlinable(node: fx.Node) -> bool:
     """An op Inductor lowers to an expression that it need not store."""
     if node.target in RANDOM:
@@ -182,11 +185,13 @@ def _is_alias_op(target: object) -> bool:
     return is_op_overload(target) and target.is_view and target.overloadpacket is not aten.as_strided
 
 
+@per_node
 def _is_alias(node: fx.Node) -> bool:
     """A view (or a part of a multi-output op): it has no storage of its own."""
     return _is_alias_op(node.target)
 
 
+@per_node
 def _reads_inline(node: fx.Node) -> bool:
     """A reader that computes an unstored input inline; any other makes it stored."""
     return _inlinable(node) or _packet(node) in STORED_READERS
@@ -484,6 +489,7 @@ def _returned_input_copies(nodes: Sequence[fx.Node], returned: Collection[fx.Nod
     return found
 
 
+@per_node
 def _channels_last(node: fx.Node) -> bool:
     """Whether a 4-d value is laid out channels-last already (dims of size 1 aside)."""
     value = node.meta.get("val")
@@ -569,11 +575,13 @@ def _is_channels_last(node: fx.Node, channels_last: Mapping[fx.Node, bool] | Non
     return channels_last is not None and channels_last.get(node, _ndim(node) == 4)
 
 
+@per_node
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
     value = node.meta.get("val")
     return tuple(size_hint(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
 
 
+@per_node
 def _ndim(node: fx.Node) -> int:
     value = node.meta.get("val")
     return value.dim() if isinstance(value, torch.Tensor) else 0
@@ -711,7 +719,7 @@ def _ancestor_bits(index: Mapping[fx.Node, int], order: Mapping[fx.Node, int]) -
     ancestors: dict[fx.Node, int] = {}
     for node in sorted(index, key=index.__getitem__):
         bits = 0
-        for arg in node.all_input_nodes:
+        for arg in input_nodes(node):
             bits |= ancestors.get(arg, 0)
             if arg in order:
                 bits |= 1 << order[arg]
@@ -762,7 +770,7 @@ class _Schedule:
             return
         wanted = (self.outside[first] | self.outside[second]) - fused
         ahead = self._needed_after(wanted, self.place[first], fused)
-        if ahead is None or any(node not in self.leader for node in ahead):
+        if ahead is None:
             return
         self.reduction[first] = next(iter(reductions), None)
         del self.reduction[second]
@@ -802,20 +810,25 @@ class _Schedule:
         return any(needed >> self.order[node] & 1 for node in self.members[other])
 
     def _needed_after(self, wanted: set[fx.Node], at: float, fused: set[fx.Node]) -> set[fx.Node] | None:
-        """The nodes at or after ``at`` that ``wanted`` come from (whole groups), or
-        None when one of them needs the fused group itself."""
+        """The kernels at or after ``at`` that ``wanted`` come from (whole groups), or
+        None when one of them needs the fused group itself or when something else
+        would be pulled ahead (an extern kernel: refused). It stops at the first such
+        node: in a 48-layer GPT's backward, a pair far apart would otherwise walk
+        every node between them, half the time of its simulation."""
         ahead: set[fx.Node] = set()
         pending = list(wanted)
         while pending:
             value = pending.pop()
             if value in ahead or self._where(value) < at:
                 continue
-            group = self.members[self.leader[value]] if value in self.leader else {value}
-            if group & fused:
+            if value not in self.leader:
+                return None
+            group = self.members[self.leader[value]]
+            if not group.isdisjoint(fused):
                 return None
             for node in group:
                 ahead.add(node)
-                pending.extend(self.needs[node] if node in self.needs else map(_source, node.all_input_nodes))
+                pending.extend(self.needs[node] if node in self.needs else map(_source, input_nodes(node)))
         return ahead
 
     def _move_before(self, nodes: set[fx.Node], kernel: fx.Node) -> None:
@@ -844,6 +857,7 @@ class _Schedule:
         return found
 
 
+@per_node
 def _reduction_ranges(node: fx.Node) -> tuple[int, int] | None:
     """A reduction's loops: the elements it keeps and the elements it sums into each."""
     if _packet(node) not in REDUCTIONS or not (node.args and isinstance(node.args[0], fx.Node)):
@@ -853,6 +867,7 @@ def _reduction_ranges(node: fx.Node) -> tuple[int, int] | None:
     return kept, _numel(node.args[0]) // kept
 
 
+@per_node
 def _loop_size(node: fx.Node) -> int:
     """Elements a kernel loops over: a reduction its input's, others their output's."""
     if _packet(node) in REDUCTIONS and node.args and isinstance(node.args[0], fx.Node):
@@ -888,6 +903,7 @@ def _in_place(
     return in_place
 
 
+@per_node
 def _source(node: fx.Node) -> fx.Node:
     """The node that computes what a view (or a part of a multi-output op) reads."""
     while _is_alias(node):
@@ -895,6 +911,7 @@ def _source(node: fx.Node) -> fx.Node:
     return node
 
 
+@per_node
 def _base(node: fx.Node) -> fx.Node:
     """The node whose storage a view reads."""
     while node.target is not operator.getitem and _is_alias(node):
@@ -911,7 +928,7 @@ def _is_ancestor(ancestor: fx.Node, node: fx.Node, index: Mapping[fx.Node, int])
     pending = [node]
     while pending:
         current = pending.pop()
-        for arg in current.all_input_nodes:
+        for arg in input_nodes(current):
             if arg is ancestor:
                 return True
             if arg not in seen and index.get(arg, -1) > floor:
@@ -933,7 +950,7 @@ def _expression(
     nodes = {node}
     heavy = _packet(node) in HEAVY_ON_CPU
     layout = _layout(node, layouts, channels_last)
-    for arg in node.all_input_nodes:
+    for arg in input_nodes(node):
         elementwise = layout is not None and _layout(arg, layouts, channels_last) == layout
         if arg in inlined:
             inner = expressions[arg]
@@ -962,21 +979,27 @@ def _layout(
     so it lines up with nothing."""
     if node in known:
         return known[node]
-    value = node.meta.get("val")
-    layout = None
     stored_channels_last = _is_channels_last(node, channels_last)
     reshaped = not stored_channels_last and _is_channels_last(_base(node), channels_last)
-    if isinstance(value, torch.Tensor) and not reshaped:
-        expected = 1
-        for size, stride in reversed(list(zip(value.shape, value.stride()))):
-            size = size_hint(size)
-            if size != 1 and size_hint(stride) != expected:
-                break
-            expected *= size
-        else:
-            layout = expected, value.dtype, stored_channels_last
+    contiguous = None if reshaped else _contiguous(node)
+    layout = None if contiguous is None else (*contiguous, stored_channels_last)
     known[node] = layout
     return layout
+
+
+@per_node
+def _contiguous(node: fx.Node) -> tuple[int, torch.dtype] | None:
+    """(elements, dtype) of a value contiguous in the FX graph; None for anything else."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    expected = 1
+    for size, stride in reversed(list(zip(value.shape, value.stride()))):
+        size = size_hint(size)
+        if size != 1 and size_hint(stride) != expected:
+            return None
+        expected *= size
+    return expected, value.dtype
 
 
 def _stored(node: fx.Node, expression: _Expression, members: set[fx.Node], returned: set[fx.Node]) -> bool:
@@ -1015,11 +1038,13 @@ def _broadcast(node: fx.Node, members: set[fx.Node]) -> bool:
     return any(u in members and _numel(u) > numel and _packet(u) not in INDEXING for u in node.users)
 
 
+@per_node
 def _numel(node: fx.Node) -> int:
     value = node.meta.get("val")
     return size_hint(value.numel()) if isinstance(value, torch.Tensor) else 0
 
 
+@per_node
 def fused_workspace_bytes(node: fx.Node) -> int:
     """Scratch of an op in a graph Inductor compiled. On the CPU with oneDNN, Inductor
     lays out graphs with convolutions channels-last (``decide_layout_opt``), and
@@ -1041,7 +1066,7 @@ def read_positions(nodes: Sequence[fx.Node], position: Mapping[fx.Node, int], fu
     for node in reversed(nodes):
         if node in fusion.inlined or _is_alias(node) and node.target is not operator.getitem:
             at[node] = max((edges[node, u] for u in node.users if (node, u) in edges), default=position[node])
-        for arg in node.all_input_nodes:
+        for arg in input_nodes(node):
             copied = fusion.copies.get((arg, node))
             edges[arg, node] = at[node] if copied is None else position[copied]
     return edges

@@ -21,6 +21,7 @@ from torch.fx.node import map_aggregate, map_arg
 from remat._torch_internals import is_builtin_op, is_op_overload, real_kernels, size_hint
 from remat.cost_models.devices import TRANSCENDENTAL_FLOPS, DeviceProfile, profile_for_device, time_call
 from remat.cost_models.flops import node_flops
+from remat.cost_models.node_memo import per_node
 from remat.cost_models.sizes import tensor_size, tensors_in, value_bytes
 from remat.passes.recompute_rules import draws_random_numbers, is_view
 
@@ -55,6 +56,7 @@ def _packet(node: fx.Node) -> Any:
     return getattr(node.target, "overloadpacket", None)
 
 
+@per_node
 def is_free(node: fx.Node) -> bool:
     """Nodes that run no kernel: graph inputs/outputs, views, getitem, SymInt math
     (``sym_size`` included: ops whose value holds no tensor)."""
@@ -73,6 +75,11 @@ def span_bytes(t: torch.Tensor) -> int:
     span = 1 + sum((n - 1) * abs(size_hint(s)) for n, s in zip(shape, t.stride()))
     return min(math.prod(shape), span) * t.element_size()
 
+
+@per_node
+def value_span_bytes(node: fx.Node) -> int:
+    """``span_bytes`` of the tensors a node makes: what a kernel that reads it loads."""
+    return sum(span_bytes(t) for t in tensors_in(node.meta.get("val")))
 
 def bytes_moved(node: fx.Node) -> int:
     """Bytes a node's kernel reads (each tensor input once) plus the bytes it writes.
@@ -99,6 +106,7 @@ def _elements(node: fx.Node) -> int:
     return max((size_hint(t.numel()) for t in values), default=0)
 
 
+@per_node
 def vector_flops(node: fx.Node) -> int:
     """FLOPs of a non-matmul op by convention: 1 per element, TRANSCENDENTAL_FLOPS for
     exp/erf/tanh and the like."""

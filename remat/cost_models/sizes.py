@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from remat._torch_internals import size_hint, sym_expr
+from remat.cost_models.node_memo import per_node
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ def tensor_size(value: torch.Tensor) -> Size:
     return as_size(value.numel(), value.element_size())
 
 
+@per_node
 def value_bytes(node: fx.Node) -> int:
     """Bytes of the elements of the tensors a node makes (at the shape hints)."""
     return sum(tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
@@ -68,6 +70,7 @@ def packed_strides(value: torch.Tensor) -> bool:
     return True
 
 
+@per_node
 def node_storage_bytes(node: fx.Node) -> int:
     """``storage_bytes`` of the tensor a node makes; 0 for anything else."""
     value = node.meta.get("val")

@@ -21,8 +21,8 @@ import torch.fx as fx
 
 from remat.cost_models.devices import DeviceProfile
 from remat.cost_models.fusion import Fusion
-from remat.cost_models.runtime import Estimator, first_touch_seconds, span_bytes, vector_flops
-from remat.cost_models.sizes import tensors_in, value_bytes
+from remat.cost_models.runtime import Estimator, first_touch_seconds, value_span_bytes, vector_flops
+from remat.cost_models.sizes import value_bytes
 
 
 def estimator_profile(seconds: Estimator) -> DeviceProfile | None:
@@ -42,10 +42,7 @@ def kernel_seconds(nodes: Sequence[fx.Node], fusion: Fusion, seconds: Estimator,
     result = []
     for node in nodes:
         if node in fusion.loads:
-            loaded = sum(
-                span_bytes(t) for value in fusion.loads[node] if value not in fusion.inlined
-                for t in tensors_in(value.meta.get("val"))
-            )
+            loaded = sum(value_span_bytes(value) for value in fusion.loads[node] if value not in fusion.inlined)
             stored = 0 if node in fusion.inlined else value_bytes(node)
             compute = vector_flops(node) / profile.vector_flops
             memory = (loaded + stored) / profile.memory_bandwidth

@@ -41,6 +41,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from remat._torch_internals import JointInfo, is_primal, storage_key
 from remat.cost_models.memory import MemoryTimeline, order_fusions, simulate_order
+from remat.cost_models.node_memo import Store, fixed_graph
 from remat.cost_models.fusion import inlined_by_inductor
 from remat.cost_models.sizes import human_bytes, storage_size, tensors_in
 from remat.cost_models.step_time import position_seconds
@@ -189,6 +190,7 @@ class BudgetProblem:
         self._resident_keys = set(resident)
         self._storage_cache: dict[fx.Node, dict[int, int]] = {}
         self._simulated: dict[tuple[Group, ...], Solution] = {}
+        self._memo: Store = {}  # per-node facts its simulations share (the graph does not change)
         self.resident = sum(resident.values())
         self._pieces: dict[tuple[int, str], list[fx.Node]] = {}
         self._solve_pieces()
@@ -288,7 +290,8 @@ class BudgetProblem:
         and the search ask for some plans more than once)."""
         key = tuple(groups)
         if key not in self._simulated:
-            solution = simulate_saved(self.graph, self.saved_values(groups), self.num_fwd_outputs, self.seconds, self.fused)
+            with fixed_graph(self._memo):
+                solution = simulate_saved(self.graph, self.saved_values(groups), self.num_fwd_outputs, self.seconds, self.fused)
             solution.groups = list(groups)
             self._simulated[key] = solution
         return self._simulated[key]
