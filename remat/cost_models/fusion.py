@@ -1063,10 +1063,12 @@ def read_positions(nodes: Sequence[fx.Node], position: Mapping[fx.Node, int], fu
     until then. ``position``: each node's place in the timeline."""
     at = dict(position)
     edges: dict[tuple[fx.Node, fx.Node], int] = {}
+    last_read: dict[fx.Node, int] = {}  # by the readers seen so far (all of them, in reverse)
     for node in reversed(nodes):
         if node in fusion.inlined or _is_alias(node) and node.target is not operator.getitem:
-            at[node] = max((edges[node, u] for u in node.users if (node, u) in edges), default=position[node])
+            at[node] = last_read.get(node, position[node])
         for arg in input_nodes(node):
             copied = fusion.copies.get((arg, node))
-            edges[arg, node] = at[node] if copied is None else position[copied]
+            read = edges[arg, node] = at[node] if copied is None else position[copied]
+            last_read[arg] = max(last_read.get(arg, read), read)
     return edges
