@@ -473,7 +473,8 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     size = min(int(max(budget, most_kept) / unit) + 2, MAX_BUCKETS)
     seconds = np.full((count + 1, size), np.inf)
     kept = np.zeros((count + 1, size))
-    came_from = np.full((count + 1, size, 2), -1, dtype=np.int64)  # (cost index, source bucket)
+    # (cost index, source bucket); read only where written: the trace back follows reached states
+    came_from = np.empty((count + 1, size, 2), dtype=np.int64)
     seconds[0, 0] = 0.0
     table = _GroupTable(costs)
     for i in range(count):
@@ -501,12 +502,12 @@ class _GroupTable:
 
     def batches(self, indices: list[int]) -> list[np.ndarray]:
         """``indices`` (groups that start together) in the batches ``_extend`` takes:
-        those that end apart never compete, so all of them in one, by end; those that
-        end together, one at a time in order (the earliest wins a tie)."""
+        those that end apart, by end (they never compete), and those that end together,
+        in order (the earliest wins a tie)."""
         ends = Counter(self.ends[j] for j in indices)
         apart = sorted((j for j in indices if ends[self.ends[j]] == 1), key=lambda j: self.ends[j])
-        together = [np.array([j]) for j in indices if ends[self.ends[j]] > 1]
-        return [np.array(apart), *together] if apart else together
+        together = [j for j in indices if ends[self.ends[j]] > 1]
+        return [np.array(batch) for batch in (apart, together) if batch]
 
 
 def _extend(
@@ -520,10 +521,10 @@ def _extend(
     kept: np.ndarray,
     came_from: np.ndarray,
 ) -> None:
-    """One step of ``solve_dp``: the groups ``batch`` (indices into ``table``, by end;
-    no two end together) appended to the partial plans that end at segment ``start``,
-    each kept in the state it reaches where it is faster (or as fast with fewer
-    bytes) than what is there."""
+    """One step of ``solve_dp``: the groups ``batch`` (indices into ``table``: in order,
+    or by end where no two end together) appended to the partial plans that end at
+    segment ``start``, each kept in the state it reaches where it is faster (or as
+    fast with fewer bytes) than what is there."""
     size = seconds.shape[1]
     source_kept, source_seconds = kept[start, sources], seconds[start, sources]
     # a bucket's bytes lie within it, so the sources' kept bytes never decrease: each
@@ -537,7 +538,8 @@ def _extend(
     totals = source_seconds[columns] + table.seconds[rows]
     ends = table.ends[rows]
     targets = np.minimum((after / unit).astype(np.int64), size - 1)
-    first = _fastest_per_run(ends * size + targets, totals)  # fewest bytes on ties: the earliest
+    apart = np.unique(table.ends[batch]).size == batch.size
+    first = _fastest_per_state(ends * size + targets, totals, after, apart)
     end, target = ends[first], targets[first]
     current, current_kept = seconds[end, target], kept[end, target]
     better = (totals[first] < current) | ((totals[first] == current) & (after[first] < current_kept))
@@ -546,6 +548,18 @@ def _extend(
     kept[end, target] = after[chosen]
     came_from[end, target, 0] = rows[chosen]
     came_from[end, target, 1] = sources[columns[chosen]]
+
+
+def _fastest_per_state(keys: np.ndarray, totals: np.ndarray, after: np.ndarray, apart: bool) -> np.ndarray:
+    """For each state reached (``keys``), the position of the least total, of equal
+    ones the fewest bytes, then the earliest. Within one group, and across groups that
+    end ``apart``, the states never decrease and the bytes grow with the position: the
+    runs need no sort. Groups that end together meet in the same states: sorted."""
+    if apart:
+        return _fastest_per_run(keys, totals)
+    order = np.lexsort((after, totals, keys))  # stable: the earliest of equals first
+    ordered = keys[order]
+    return order[np.r_[True, ordered[1:] != ordered[:-1]]]
 
 
 def _fastest_per_run(keys: np.ndarray, totals: np.ndarray) -> np.ndarray:
