@@ -81,6 +81,7 @@ def value_span_bytes(node: fx.Node) -> int:
     """``span_bytes`` of the tensors a node makes: what a kernel that reads it loads."""
     return sum(span_bytes(t) for t in tensors_in(node.meta.get("val")))
 
+
 def bytes_moved(node: fx.Node) -> int:
     """Bytes a node's kernel reads (each tensor input once) plus the bytes it writes.
 
