@@ -196,6 +196,11 @@ class BudgetProblem:
         self._solve_pieces()
         self.costs = self._calibrate()
 
+    @functools.cached_property
+    def group_table(self) -> _GroupTable:
+        """``costs`` as ``solve_dp`` reads them, built once: a solve calls it a dozen times."""
+        return _GroupTable(list(self.costs.values()))
+
     # --- saved values -------------------------------------------------------
 
     def _solve_pieces(self) -> None:
@@ -460,14 +465,12 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     count = len(problem.segments)
     if budget <= 0:
         return None
-    costs = list(problem.costs.values())
-    by_start: dict[int, list[int]] = {}
-    for index, cost in enumerate(costs):
-        by_start.setdefault(cost.group.first, []).append(index)
-    first = by_start.get(0, [])
+    table = problem.group_table
+    costs = table.costs
+    first = table.by_start.get(0, [])
     if not first or min(costs[j].top for j in first) > budget:
         return None  # not even the first group fits
-    most_kept = sum(max(costs[j].kept for j in by_start[i]) for i in by_start)
+    most_kept = sum(max(costs[j].kept for j in indices) for indices in table.by_start.values())
     unit = budget / BUCKETS
     # kept bytes past the budget get buckets too, up to MAX_BUCKETS (the rest share the last)
     size = min(int(max(budget, most_kept) / unit) + 2, MAX_BUCKETS)
@@ -476,10 +479,9 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     # (cost index, source bucket); read only where written: the trace back follows reached states
     came_from = np.empty((count + 1, size, 2), dtype=np.int64)
     seconds[0, 0] = 0.0
-    table = _GroupTable(costs)
     for i in range(count):
         sources = np.nonzero(np.isfinite(seconds[i]))[0]
-        for batch in table.batches(by_start.get(i, [])):
+        for batch in table.batches.get(i, ()):
             _extend(table, batch, sources, i, budget, unit, seconds, kept, came_from)
     if not np.isfinite(seconds[count]).any():
         return None
@@ -492,15 +494,21 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
 
 
 class _GroupTable:
-    """The costs of ``solve_dp``'s groups as arrays, by index."""
+    """The costs of ``solve_dp``'s groups as arrays, by index, and the indices of
+    those that start at each segment, in ``_extend``'s batches."""
 
     def __init__(self, costs: Sequence[GroupCost]) -> None:
+        self.costs = list(costs)
         self.tops = np.array([c.top for c in costs])
         self.kept = np.array([c.kept for c in costs])
         self.seconds = np.array([c.seconds for c in costs])
         self.ends = np.array([c.group.last + 1 for c in costs], dtype=np.int64)
+        self.by_start: dict[int, list[int]] = {}
+        for index, cost in enumerate(costs):
+            self.by_start.setdefault(cost.group.first, []).append(index)
+        self.batches = {start: self._batches(indices) for start, indices in self.by_start.items()}
 
-    def batches(self, indices: list[int]) -> list[np.ndarray]:
+    def _batches(self, indices: list[int]) -> list[np.ndarray]:
         """``indices`` (groups that start together) in the batches ``_extend`` takes:
         those that end apart, by end (they never compete), and those that end together,
         in order (the earliest wins a tie)."""
