@@ -590,8 +590,15 @@ def _ndim(node: fx.Node) -> int:
 def _on_cpu(nodes: Sequence[fx.Node]) -> bool:
     """Whether the graph computes on the CPU, where Inductor generates C++ (a GPU graph
     may hold CPU tensors too: scalars, host copies of offloaded values)."""
-    devices = {v.device.type for n in nodes if isinstance(v := n.meta.get("val"), torch.Tensor)}
+    devices = {_device_type(n) for n in nodes} - {None}
     return "cpu" in devices and devices <= {"cpu", "meta"}
+
+
+@per_node
+def _device_type(node: fx.Node) -> str | None:
+    """Where the tensor a node makes lives ("cpu", "cuda", ...); None for anything else."""
+    value = node.meta.get("val")
+    return value.device.type if isinstance(value, torch.Tensor) else None
 
 
 def _calls(
@@ -1004,8 +1011,7 @@ def _contiguous(node: fx.Node) -> tuple[int, torch.dtype] | None:
 
 def _stored(node: fx.Node, expression: _Expression, members: set[fx.Node], returned: set[fx.Node]) -> bool:
     """Whether Inductor stores ``node``'s value (the rules in the module docstring)."""
-    value = node.meta.get("val")
-    kind = "cpu" if isinstance(value, torch.Tensor) and value.device.type == "cpu" else "other"
+    kind = "cpu" if _device_type(node) == "cpu" else "other"
     opcount = REALIZE_OPCOUNT_THRESHOLD[kind]
     if len(expression.reads) > REALIZE_ACC_READS_THRESHOLD[kind] or (expression.ops > opcount and len(expression.reads) > 1):
         return True

@@ -45,7 +45,7 @@ from remat._torch_internals import is_primal, is_tangent, storage_key
 from remat.cost_models.fusion import (
     Fusion, fuse, fused_workspace_bytes, lays_out_channels_last, read_positions, wrapper_allocates,
 )
-from remat.cost_models.sizes import graph_device, leaves, storage_bytes, tensor_size, tensors_in
+from remat.cost_models.sizes import graph_device, leaves, node_storages, storage_bytes, tensor_size, tensors_in
 from remat.cost_models.transfers import Window
 from remat.cost_models.workspace import workspace_bytes
 from remat.passes.schedule import StepOrder
@@ -287,8 +287,7 @@ def simulate_order(
     inputs: list[fx.Node] = []
     for node in order.forward[0].graph.find_nodes(op="placeholder") if order.forward else []:
         if is_primal(node):
-            for tensor in tensors_in(node.meta.get("val")):
-                resident[storage_key(tensor)] = storage_bytes(tensor)
+            resident.update(node_storages(node))
         else:
             inputs.append(node)  # tangents: handed to the backward by autograd
 
@@ -298,8 +297,7 @@ def simulate_order(
     reloaded = {storage_key(t) for node in offloads for t in tensors_in(node.meta.get("val"))}
 
     def live(node: fx.Node, phase: int, born: int, dies: int) -> None:
-        for tensor in tensors_in(node.meta.get("val")):
-            ref = storage_key(tensor)
+        for ref, nbytes in node_storages(node):
             if ref in resident:
                 continue
             key = (0, ref) if phase == 0 or ref in handed_over else (1, ref)
@@ -307,13 +305,13 @@ def simulate_order(
                 key = (2, ref)  # the backward reads the reloaded copy
             storage = storages.get(key)
             if storage is None:
-                storages[key] = _Storage(node.name, storage_bytes(tensor), born, dies)
+                storages[key] = _Storage(node.name, nbytes, born, dies)
             else:
                 storage.start = min(storage.start, born)
                 storage.end = max(storage.end, dies)
 
     for node in (*saved, *inputs):
-        handed_over.update(storage_key(t) for t in tensors_in(node.meta.get("val")))
+        handed_over.update(ref for ref, _ in node_storages(node))
     for node, at in fw_at.items():
         if node in fw_inlined:
             continue

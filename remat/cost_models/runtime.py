@@ -22,7 +22,7 @@ from remat._torch_internals import is_builtin_op, is_op_overload, real_kernels, 
 from remat.cost_models.devices import TRANSCENDENTAL_FLOPS, DeviceProfile, profile_for_device, time_call
 from remat.cost_models.flops import node_flops
 from remat.cost_models.node_memo import per_node
-from remat.cost_models.sizes import tensor_size, tensors_in, value_bytes
+from remat.cost_models.sizes import tensor_bytes, tensors_in, value_bytes
 from remat.passes.recompute_rules import draws_random_numbers, is_view
 
 log = logging.getLogger("remat")
@@ -121,8 +121,7 @@ def _first_touch_bytes(node: fx.Node, profile: DeviceProfile) -> int:
     threshold = profile.first_touch_threshold
     if threshold is None or is_free(node) or _packet(node) in _ALLOCATIONS:
         return 0
-    sizes = (tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
-    return sum(s for s in sizes if s >= threshold)
+    return sum(s for s in tensor_bytes(node) if s >= threshold)
 
 
 _CONVOLUTIONS = frozenset(

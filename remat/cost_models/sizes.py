@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from remat._torch_internals import size_hint, sym_expr
+from remat._torch_internals import size_hint, storage_key, sym_expr
 from remat.cost_models.node_memo import per_node
 
 
@@ -43,9 +43,15 @@ def tensor_size(value: torch.Tensor) -> Size:
 
 
 @per_node
+def tensor_bytes(node: fx.Node) -> tuple[int, ...]:
+    """Bytes of the elements of each tensor a node makes (at the shape hints)."""
+    return tuple(tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
+
+
+@per_node
 def value_bytes(node: fx.Node) -> int:
     """Bytes of the elements of the tensors a node makes (at the shape hints)."""
-    return sum(tensor_size(t).hint for t in tensors_in(node.meta.get("val")))
+    return sum(tensor_bytes(node))
 
 
 def storage_size(value: torch.Tensor) -> Size:
@@ -56,6 +62,13 @@ def storage_size(value: torch.Tensor) -> Size:
 def storage_bytes(value: torch.Tensor) -> int:
     """``storage_size`` as a plain int (its hint): for the simulator's hot loops."""
     return size_hint(value.untyped_storage().nbytes())
+
+
+@per_node
+def node_storages(node: fx.Node) -> tuple[tuple[int, int], ...]:
+    """(``storage_key``, ``storage_bytes``) of each tensor a node makes, in order: the
+    simulator asks for them at every node of every plan."""
+    return tuple((storage_key(t), storage_bytes(t)) for t in tensors_in(node.meta.get("val")))
 
 
 def packed_strides(value: torch.Tensor) -> bool:

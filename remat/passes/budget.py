@@ -39,11 +39,11 @@ import numpy as np
 import torch.fx as fx
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from remat._torch_internals import JointInfo, is_primal, storage_key
+from remat._torch_internals import JointInfo, is_primal
 from remat.cost_models.memory import MemoryTimeline, order_fusions, simulate_order
 from remat.cost_models.node_memo import Store, fixed_graph
 from remat.cost_models.fusion import inlined_by_inductor
-from remat.cost_models.sizes import human_bytes, storage_size, tensors_in
+from remat.cost_models.sizes import human_bytes, node_storages
 from remat.cost_models.step_time import position_seconds
 from remat.passes.recompute_rules import (
     ban_reason, heavy_reason, is_heavy, is_view, reduction_reason, source_op, stored_in_backward_reason,
@@ -181,12 +181,9 @@ class BudgetProblem:
             n: reason for n in forward if (reason := ban_reason(n) or (not is_view(n) and never_recompute(n)))
         }
         self.group_starts = None if group_starts is None else sorted(set(group_starts) | {0})
-        resident = {
-            storage_key(t): storage_size(t).hint
-            for n in graph.find_nodes(op="placeholder")
-            if is_primal(n)
-            for t in tensors_in(n.meta.get("val"))
-        }
+        resident = dict(
+            pair for n in graph.find_nodes(op="placeholder") if is_primal(n) for pair in node_storages(n)
+        )
         self._resident_keys = set(resident)
         self._storage_cache: dict[fx.Node, dict[int, int]] = {}
         self._simulated: dict[tuple[Group, ...], Solution] = {}
@@ -314,11 +311,7 @@ class BudgetProblem:
         """The storages ``node`` holds that are not resident, with their bytes."""
         found = self._storage_cache.get(node)
         if found is None:
-            found = {
-                key: storage_size(t).hint
-                for t in tensors_in(node.meta.get("val"))
-                if (key := storage_key(t)) not in self._resident_keys
-            }
+            found = {key: nbytes for key, nbytes in node_storages(node) if key not in self._resident_keys}
             self._storage_cache[node] = found
         return found
 
@@ -422,10 +415,9 @@ class BudgetProblem:
             result.append(total)
         return result
 
-    def _backward_owners(self, backward: Sequence[fx.Node]) -> list[int]:
-        """The segment whose backward each backward step belongs to: a gradient op
-        belongs to the earliest segment it reads from; a recomputation, to the
-        gradient op that runs next."""
+    @functools.cached_property
+    def _gradient_owners(self) -> dict[fx.Node, int]:
+        """The segment each gradient op belongs to (see ``_backward_owners``)."""
         last = len(self.segments) - 1
         owner: dict[fx.Node, int] = {}
         for node in self.graph.nodes:
@@ -434,6 +426,14 @@ class BudgetProblem:
                 if not reads:
                     reads = [owner[a] for a in node.all_input_nodes if a in owner]
                 owner[node] = min(reads, default=last)
+        return owner
+
+    def _backward_owners(self, backward: Sequence[fx.Node]) -> list[int]:
+        """The segment whose backward each backward step belongs to: a gradient op
+        belongs to the earliest segment it reads from; a recomputation, to the
+        gradient op that runs next."""
+        owner = self._gradient_owners
+        last = len(self.segments) - 1
         result = [0] * len(backward)
         following = last
         for index in range(len(backward) - 1, -1, -1):
@@ -467,10 +467,10 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
         return None
     table = problem.group_table
     costs = table.costs
-    first = table.by_start.get(0, [])
-    if not first or min(costs[j].top for j in first) > budget:
+    first = table.starting.get(0)
+    if first is None or first.tops.min() > budget:
         return None  # not even the first group fits
-    most_kept = sum(max(costs[j].kept for j in indices) for indices in table.by_start.values())
+    most_kept = sum(float(groups.kept.max()) for groups in table.starting.values())
     unit = budget / BUCKETS
     # kept bytes past the budget get buckets too, up to MAX_BUCKETS (the rest share the last)
     size = min(int(max(budget, most_kept) / unit) + 2, MAX_BUCKETS)
@@ -480,9 +480,9 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     came_from = np.empty((count + 1, size, 2), dtype=np.int64)
     seconds[0, 0] = 0.0
     for i in range(count):
-        sources = np.nonzero(np.isfinite(seconds[i]))[0]
-        for batch in table.batches.get(i, ()):
-            _extend(table, batch, sources, i, budget, unit, seconds, kept, came_from)
+        if i in table.starting:
+            sources = np.nonzero(np.isfinite(seconds[i]))[0]
+            _extend(table.starting[i], sources, i, budget, unit, seconds, kept, came_from)
     if not np.isfinite(seconds[count]).any():
         return None
     at, position, groups = int(np.argmin(seconds[count])), count, []
@@ -493,34 +493,50 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     return groups[::-1]
 
 
+@dataclass(frozen=True)
+class _Starting:
+    """The groups that start at one segment, as ``_extend`` takes them: first those
+    that end apart, by end (they never compete: ``apart`` of them), then those that end
+    together, in order (the earliest wins a tie); their indices into the table and
+    their costs."""
+
+    indices: np.ndarray
+    apart: int
+    tops: np.ndarray
+    kept: np.ndarray
+    seconds: np.ndarray
+    ends: np.ndarray
+
+
 class _GroupTable:
-    """The costs of ``solve_dp``'s groups as arrays, by index, and the indices of
-    those that start at each segment, in ``_extend``'s batches."""
+    """The costs of ``solve_dp``'s groups, by index, and those that start at each
+    segment as arrays (``starting``)."""
 
     def __init__(self, costs: Sequence[GroupCost]) -> None:
         self.costs = list(costs)
-        self.tops = np.array([c.top for c in costs])
-        self.kept = np.array([c.kept for c in costs])
-        self.seconds = np.array([c.seconds for c in costs])
-        self.ends = np.array([c.group.last + 1 for c in costs], dtype=np.int64)
-        self.by_start: dict[int, list[int]] = {}
+        by_start: dict[int, list[int]] = {}
         for index, cost in enumerate(costs):
-            self.by_start.setdefault(cost.group.first, []).append(index)
-        self.batches = {start: self._batches(indices) for start, indices in self.by_start.items()}
+            by_start.setdefault(cost.group.first, []).append(index)
+        self.starting = {start: self._starting(indices) for start, indices in by_start.items()}
 
-    def _batches(self, indices: list[int]) -> list[np.ndarray]:
-        """``indices`` (groups that start together) in the batches ``_extend`` takes:
-        those that end apart, by end (they never compete), and those that end together,
-        in order (the earliest wins a tie)."""
-        ends = Counter(self.ends[j] for j in indices)
-        apart = sorted((j for j in indices if ends[self.ends[j]] == 1), key=lambda j: self.ends[j])
-        together = [j for j in indices if ends[self.ends[j]] > 1]
-        return [np.array(batch) for batch in (apart, together) if batch]
+    def _starting(self, indices: list[int]) -> _Starting:
+        end_of = {j: self.costs[j].group.last + 1 for j in indices}
+        ends = Counter(end_of.values())
+        apart = sorted((j for j in indices if ends[end_of[j]] == 1), key=end_of.__getitem__)
+        ordered = np.array(apart + [j for j in indices if ends[end_of[j]] > 1], dtype=np.int64)
+        chosen = [self.costs[j] for j in ordered]
+        return _Starting(
+            indices=ordered,
+            apart=len(apart),
+            tops=np.array([c.top for c in chosen]),
+            kept=np.array([c.kept for c in chosen]),
+            seconds=np.array([c.seconds for c in chosen]),
+            ends=np.array([end_of[j] for j in ordered], dtype=np.int64),
+        )
 
 
 def _extend(
-    table: _GroupTable,
-    batch: np.ndarray,
+    groups: _Starting,
     sources: np.ndarray,
     start: int,
     budget: float,
@@ -529,50 +545,59 @@ def _extend(
     kept: np.ndarray,
     came_from: np.ndarray,
 ) -> None:
-    """One step of ``solve_dp``: the groups ``batch`` (indices into ``table``: in order,
-    or by end where no two end together) appended to the partial plans that end at
-    segment ``start``, each kept in the state it reaches where it is faster (or as
-    fast with fewer bytes) than what is there."""
+    """One step of ``solve_dp``: the ``groups`` that start at segment ``start``
+    appended to the partial plans that end there (``sources``), each kept in the state
+    it reaches where it is faster (or as fast with fewer bytes) than what is there."""
     size = seconds.shape[1]
     source_kept, source_seconds = kept[start, sources], seconds[start, sources]
     # a bucket's bytes lie within it, so the sources' kept bytes never decrease: each
     # group fits from a prefix of them, and the states it reaches never decrease
-    fitting = np.count_nonzero(source_kept[None, :] + table.tops[batch][:, None] <= budget, axis=1)
-    rows = np.repeat(batch, fitting)
+    fitting = np.count_nonzero(source_kept[None, :] + groups.tops[:, None] <= budget, axis=1)
+    rows = np.repeat(np.arange(fitting.size), fitting)
     if not rows.size:
         return
     columns = np.arange(rows.size) - np.repeat(np.cumsum(fitting) - fitting, fitting)
-    after = source_kept[columns] + table.kept[rows]
-    totals = source_seconds[columns] + table.seconds[rows]
-    ends = table.ends[rows]
+    after = source_kept[columns] + groups.kept[rows]
+    totals = source_seconds[columns] + groups.seconds[rows]
+    ends = groups.ends[rows]
     targets = np.minimum((after / unit).astype(np.int64), size - 1)
-    apart = np.unique(table.ends[batch]).size == batch.size
-    first = _fastest_per_state(ends * size + targets, totals, after, apart)
+    keys = ends * size + targets
+    split = int(fitting[: groups.apart].sum())  # the rows of the groups that end apart come first
+    first = np.concatenate([
+        _fastest_per_run(keys[:split], totals[:split]),
+        split + _fastest_per_state(keys[split:], totals[split:], after[split:]),
+    ])
     end, target = ends[first], targets[first]
     current, current_kept = seconds[end, target], kept[end, target]
     better = (totals[first] < current) | ((totals[first] == current) & (after[first] < current_kept))
     chosen, end, target = first[better], end[better], target[better]
     seconds[end, target] = totals[chosen]
     kept[end, target] = after[chosen]
-    came_from[end, target, 0] = rows[chosen]
+    came_from[end, target, 0] = groups.indices[rows[chosen]]
     came_from[end, target, 1] = sources[columns[chosen]]
 
 
-def _fastest_per_state(keys: np.ndarray, totals: np.ndarray, after: np.ndarray, apart: bool) -> np.ndarray:
+def _fastest_per_state(keys: np.ndarray, totals: np.ndarray, after: np.ndarray) -> np.ndarray:
     """For each state reached (``keys``), the position of the least total, of equal
-    ones the fewest bytes, then the earliest. Within one group, and across groups that
-    end ``apart``, the states never decrease and the bytes grow with the position: the
-    runs need no sort. Groups that end together meet in the same states: sorted."""
-    if apart:
-        return _fastest_per_run(keys, totals)
+    ones the fewest bytes, then the earliest: groups that end together meet in the
+    same states, so sorted."""
+    if not keys.size:
+        return keys
     order = np.lexsort((after, totals, keys))  # stable: the earliest of equals first
     ordered = keys[order]
-    return order[np.r_[True, ordered[1:] != ordered[:-1]]]
+    firsts = np.empty(ordered.size, dtype=bool)
+    firsts[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=firsts[1:])
+    return order[firsts]
 
 
 def _fastest_per_run(keys: np.ndarray, totals: np.ndarray) -> np.ndarray:
     """For each run of equal ``keys`` (which never decrease), the position of its least
-    total, the earliest of equal ones."""
+    total, the earliest of equal ones. Within one group, and across groups that end
+    apart, the states never decrease and the bytes grow with the position: the
+    earliest of equal totals has the fewest bytes, and the runs need no sort."""
+    if not keys.size:
+        return keys
     boundary = np.empty(keys.size, dtype=bool)
     boundary[0] = True
     np.not_equal(keys[1:], keys[:-1], out=boundary[1:])

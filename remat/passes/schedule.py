@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import is_primal, is_tangent
+from remat.cost_models.node_memo import input_nodes
 from remat.cost_models.sizes import leaves
 
 
@@ -79,7 +80,7 @@ def _ancestors(targets: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
             continue
         seen.add(node)
         if node not in stop:
-            pending.extend(node.all_input_nodes)
+            pending.extend(input_nodes(node))
     return seen
 
 
@@ -108,7 +109,7 @@ def complete_saved_set(
         if node in seen:
             continue
         seen.add(node)
-        pending.extend((arg, node) for arg in node.all_input_nodes)
+        pending.extend((arg, node) for arg in input_nodes(node))
     order = {node: i for i, node in enumerate(joint.nodes)}
     return sorted(chosen, key=order.__getitem__)
 
@@ -171,7 +172,7 @@ def _just_in_time(extracted: list[fx.Node], gradients: list[fx.Node], order: dic
     has not run yet (in joint order); recomputations thus wait for their first use."""
     members = set(extracted)
     first = min(
-        (order[n] for n in extracted if any(is_tangent(a) for a in n.all_input_nodes)),
+        (order[n] for n in extracted if any(is_tangent(a) for a in input_nodes(n))),
         default=None,
     )
     if first is None:
@@ -187,7 +188,7 @@ def _just_in_time(extracted: list[fx.Node], gradients: list[fx.Node], order: dic
             if current in needed or current in placed or current not in members:
                 continue
             needed.add(current)
-            pending.extend(current.all_input_nodes)
+            pending.extend(input_nodes(current))
         for ready in sorted(needed, key=order.__getitem__):
             placed.add(ready)
             result.append(ready)
