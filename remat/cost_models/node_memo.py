@@ -35,13 +35,10 @@ def per_node(function: Callable[[fx.Node], T]) -> Callable[[fx.Node], T]:
         store = _store.get()
         if store is None:
             return function(node)
-        table = store.get(function)
-        if table is None:
-            table = store[function] = {}
-        try:
-            return table[node]  # type: ignore[return-value]
+        try:  # the common case first: a simulation asks about each node many times
+            return store[function][node]  # type: ignore[return-value]
         except KeyError:
-            answer = table[node] = function(node)
+            answer = store.setdefault(function, {})[node] = function(node)
             return answer
 
     return remembered
