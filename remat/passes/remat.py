@@ -145,8 +145,9 @@ def cheapest_saved(
             elif user.op != "output" and user not in info.required_fw:
                 flow.add_edge(n_out, SINK)  # read on the backward's side
 
-    # Boykov-Kolmogorov runs these small graphs in about 60% of preflow-push's time;
-    # the cut is the same for any maximum flow (the sink side: what can still reach it)
+    # Boykov-Kolmogorov cuts these small graphs in 54% to 79% of preflow-push's time
+    # (benchmarks/results/solve_time_xeon.md); the cut networkx reads off is the same
+    # for any maximum flow (the sink side: what can still reach the sink)
     cut_value, (reachable, _) = nx.minimum_cut(flow, SOURCE, SINK, flow_func=boykov_kolmogorov)
     saved = [n for n in region if f"{n.name}_in" in reachable and f"{n.name}_out" not in reachable]
     return saved, int(cut_value) // scale
