@@ -220,8 +220,8 @@ class _Expression(NamedTuple):
     """What a value's expression holds: the stored values it reads (``aligned``: those
     read only at the value's own element index), the FX nodes inlined into it, and
     whether it has an op the CPU would rather not repeat. (A named tuple: ``fuse``
-    makes one per node of every simulated plan, three times faster than a frozen
-    dataclass.)"""
+    makes one per node of every simulated plan, and builds it in less than half the
+    time of a frozen dataclass.)"""
 
     reads: frozenset[fx.Node]
     aligned: frozenset[fx.Node]
@@ -1084,11 +1084,14 @@ def read_positions(nodes: Sequence[fx.Node], position: Mapping[fx.Node, int], fu
     at = dict(position)
     edges: dict[tuple[fx.Node, fx.Node], int] = {}
     last_read: dict[fx.Node, int] = {}  # by the readers seen so far (all of them, in reverse)
+    inlined, copies = fusion.inlined, fusion.copies
     for node in reversed(nodes):
-        if node in fusion.inlined or _is_alias(node) and node.target is not operator.getitem:
+        if node in inlined or _is_alias(node) and node.target is not operator.getitem:
             at[node] = last_read.get(node, position[node])
+        here = at[node]
         for arg in input_nodes(node):
-            copied = fusion.copies.get((arg, node))
-            read = edges[arg, node] = at[node] if copied is None else position[copied]
-            last_read[arg] = max(last_read.get(arg, read), read)
+            copied = copies.get((arg, node)) if copies else None
+            read = edges[arg, node] = here if copied is None else position[copied]
+            if read > last_read.get(arg, -1):  # positions are never negative
+                last_read[arg] = read
     return edges
