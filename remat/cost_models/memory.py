@@ -153,8 +153,7 @@ def simulate_step(
 
     resident: dict[int, int] = {}
     for node in forward.find_nodes(op="placeholder"):
-        for tensor in tensors_in(node.meta.get("val")):
-            resident[storage_key(tensor)] = storage_bytes(tensor)
+        resident.update(node_storages(node))
     device = graph_device(forward)
 
     # Storages are told apart by graph: the backward's recomputed ops carry the fake
