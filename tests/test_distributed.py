@@ -111,6 +111,7 @@ def test_fsdp2_plan_counts_the_gathered_parameters_and_the_local_batch(ranks: li
         assert full_bytes + result["input_bytes"] <= plan["resident"] <= full_bytes + 2 * result["input_bytes"]
 
 
+@pytest.mark.slow  # 33 s; the FSDP2 step itself is tested above (``ranks``)
 def test_readme_torchrun_line_runs(tmp_path: Path) -> None:
     """``torchrun --standalone --nproc_per_node=2 examples/distributed.py fsdp2``, as the README says."""
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -93,8 +93,11 @@ PARTITION_TOL = 8 * torch.finfo(torch.float32).eps
 
 SLOW = os.environ.get("HYPOTHESIS_PROFILE") == "slow"
 # Inductor compiles a model in 5-10 s on this CPU: a handful in `make test`, the full
-# profile (settings.default, loaded by conftest) in `make test-slow`.
+# profile (settings.default, loaded by conftest) in `make test-slow`. An example with
+# the eager inner compiler traces the model twice (remat's and PyTorch's partition) in
+# about 1.4 s: 50 in `make test` (100 took 141 s of its 20 minutes), 2000 in `make test-slow`.
 INDUCTOR_EXAMPLES = settings.default.max_examples if SLOW else 6
+EAGER_EXAMPLES = settings.default.max_examples if SLOW else 50
 
 
 # --- helpers -----------------------------------------------------------------------
@@ -304,6 +307,7 @@ def check_equal_to_eager(spec: ModelSpec, options: dict[str, Any]) -> None:
 # --- properties ----------------------------------------------------------------------
 
 
+@settings(max_examples=EAGER_EXAMPLES)
 @given(spec=model_specs(), options=remat_options(inner_compilers=("eager",)))
 def test_eager_inner_compiler_matches_eager(spec: ModelSpec, options: dict[str, Any]) -> None:
     """Loss, gradients and BatchNorm statistics equal eager's (eager inner compiler)."""
@@ -317,6 +321,7 @@ def test_inductor_inner_compiler_matches_eager(spec: ModelSpec, options: dict[st
     check_equal_to_eager(spec, options)
 
 
+@settings(max_examples=EAGER_EXAMPLES)
 @given(spec=model_specs(), options=remat_options(inner_compilers=("eager",)), fallback_random=st.booleans())
 def test_plans_are_well_formed(spec: ModelSpec, options: dict[str, Any], fallback_random: bool) -> None:
     """Every decision is keep, recompute or offload with bytes >= 0, no random op is recomputed,
