@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch.fx as fx
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 from remat._torch_internals import JointInfo, is_primal
 from remat.cost_models.memory import MemoryTimeline, order_fusions, simulate_order
@@ -611,7 +612,6 @@ def _fastest_per_run(keys: np.ndarray, totals: np.ndarray) -> np.ndarray:
 
 def solve_ilp(problem: BudgetProblem, budget: float) -> list[Group] | None:
     """The same model as ``solve_dp``, solved exactly with scipy's ``milp``."""
-    from scipy.optimize import Bounds, LinearConstraint, milp  # only here: see segments.find_segments
     costs = list(problem.costs.values())
     count = len(problem.segments)
     cover = np.zeros((count, len(costs)))

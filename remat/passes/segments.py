@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch.fx as fx
+from scipy.signal import find_peaks
 
 from remat._torch_internals import JointInfo, storage_key
 from remat.cost_models.sizes import storage_size, tensors_in
@@ -92,10 +93,6 @@ def find_segments(graph: fx.Graph, info: JointInfo, max_segments: int = MAX_SEGM
     if not forward:
         return []
     crossing = crossing_bytes(forward)
-    # imported here: scipy.signal takes 1.5 s to import, which `remat --help` and
-    # `import remat` need not wait for
-    from scipy.signal import find_peaks
-
     valleys, props = find_peaks(-crossing, prominence=(PROMINENCE * crossing, None), plateau_size=1)
     valleys = _deepest(valleys, crossing[valleys])
     valleys = _after_heavy_ops(valleys, crossing, forward)
