@@ -536,6 +536,46 @@ def _doubles_tile2d_atomic_offset() -> bool:
     return "new_index = self.transform_indexing(index)" in tile2d and "ops.index_expr(index, torch.int64)" in vec
 
 
+class _SharedStoreFix:
+    """``CppTile2DKernel.store`` fixed while any remat compile runs. The method is a
+    class attribute, shared by every thread: the first compile to enter puts the fix in
+    place and the last to leave takes it out. Were each compile to save and restore
+    what it found, two threads' overlapping compiles would take the fix out from under
+    the one still running, or leave it in for good."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._compiles = 0
+        self._original: Any = None
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        from torch._inductor.codegen import cpp
+
+        with self._lock:
+            if self._compiles == 0:
+                self._original = original = cpp.CppTile2DKernel.store
+
+                def store_once(kernel: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
+                    parallel_atomic = mode == "atomic_add" and (cpp.config.cpp.dynamic_threads or kernel.num_threads != 1)
+                    if parallel_atomic and not kernel.need_vec_transpose(kernel.rename_indexing(index)):
+                        return cpp.CppVecKernel.store(kernel, name, index, value, mode)  # ops.index_expr shifts it
+                    return original(kernel, name, index, value, mode)
+
+                cpp.CppTile2DKernel.store = store_once
+            self._compiles += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._compiles -= 1
+                if self._compiles == 0:
+                    cpp.CppTile2DKernel.store, self._original = self._original, None
+
+
+_tile2d_store_fix = _SharedStoreFix()
+
+
 @contextlib.contextmanager
 def tile2d_atomic_adds_fixed() -> Iterator[None]:
     """Inductor compiles in this context give a parallel ``atomic_add`` store in a 2-d
@@ -545,25 +585,12 @@ def tile2d_atomic_adds_fixed() -> Iterator[None]:
     offset, a decoder's backward on two threads wrote out of bounds and aborted the
     process (glibc: "malloc_consolidate(): invalid chunk size";
     ``tests/test_backend.py``). Where Inductor does not double the offset, nothing is
-    changed."""
-    from torch._inductor.codegen import cpp
-
+    changed; compiles on several threads share the fix (``_SharedStoreFix``)."""
     if not _doubles_tile2d_atomic_offset():
         yield
         return
-    store = cpp.CppTile2DKernel.store
-
-    def store_once(self: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
-        parallel_atomic = mode == "atomic_add" and (cpp.config.cpp.dynamic_threads or self.num_threads != 1)
-        if parallel_atomic and not self.need_vec_transpose(self.rename_indexing(index)):
-            return cpp.CppVecKernel.store(self, name, index, value, mode)  # ops.index_expr shifts it
-        return store(self, name, index, value, mode)
-
-    cpp.CppTile2DKernel.store = store_once
-    try:
+    with _tile2d_store_fix.applied():
         yield
-    finally:
-        cpp.CppTile2DKernel.store = store
 
 
 def graph_code(gm: fx.GraphModule, inputs: Sequence[Any]) -> str:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import remat
 import remat.cli
 import remat.partition
+from remat import _torch_internals
 from remat.options import RematOptions
 from remat.plan import MemoryPrediction, Plan
 from tests.zoo import UpsamplingDecoder
@@ -150,6 +151,25 @@ def test_a_decoder_backward_on_two_threads_scatters_its_upsampling_gradient_in_b
         torch.set_num_threads(threads)
     for ours, eager in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(ours.grad, eager.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_tile2d_fix_stays_in_place_while_any_compile_runs():
+    """Compiles on two threads overlap and the first to start finishes first: the fix
+    must stay until the second finishes too, then Inductor's own store comes back."""
+    from torch._inductor.codegen import cpp
+
+    if not _torch_internals._doubles_tile2d_atomic_offset():
+        pytest.skip("this Inductor gives a 2-d tile's atomic_add store its index once")
+    original = cpp.CppTile2DKernel.store
+    first, second = _torch_internals.tile2d_atomic_adds_fixed(), _torch_internals.tile2d_atomic_adds_fixed()
+    first.__enter__()
+    fixed = cpp.CppTile2DKernel.store
+    assert fixed is not original
+    second.__enter__()
+    first.__exit__(None, None, None)  # the other thread's compile ends first
+    assert cpp.CppTile2DKernel.store is fixed
+    second.__exit__(None, None, None)
+    assert cpp.CppTile2DKernel.store is original
 
 
 @pytest.mark.parametrize("pool", [False, True])
