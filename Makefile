@@ -22,7 +22,8 @@ test-slow: $(STAMP)
 
 # Hugging Face's Trainer and Lightning are optional (the "integrations" extra): `make test`
 # skips their tests, naming the missing package; this installs them into .venv and runs
-# issue 9's tests (the frameworks, @remat.optimize, options from the environment, DDP/FSDP2).
+# issue 9's tests (the frameworks, @remat.optimize, options from the environment, DDP/FSDP2;
+# the README's torchrun line is marked slow: `make test-slow`).
 INTEGRATIONS_STAMP := $(VENV)/.integrations-installed
 
 $(INTEGRATIONS_STAMP): $(STAMP)

@@ -521,13 +521,12 @@ def no_extern_pulls() -> Iterator[None]:
         choices._last = (None, 0, None)  # the scheduler's nodes go with the compile
 
 
-@functools.cache
 def _doubles_tile2d_atomic_offset() -> bool:
     """Whether Inductor's C++ 2-d tiles offset a parallel ``atomic_add`` store twice
     (pytorch/pytorch#191837, torch 2.11 and 2.13): ``CppTile2DKernel.store`` shifts the
     index by the tile's inner loop variable, then ``CppVecKernel.store`` rebuilds it
-    with ``ops.index_expr``, which the tile's overrides shift again. Read once from
-    Inductor's source, before any patch."""
+    with ``ops.index_expr``, which the tile's overrides shift again. Read from
+    Inductor's source, so only where ``_SharedStoreFix`` has not patched it."""
     import inspect
 
     from torch._inductor.codegen import cpp
@@ -541,12 +540,14 @@ class _SharedStoreFix:
     class attribute, shared by every thread: the first compile to enter puts the fix in
     place and the last to leave takes it out. Were each compile to save and restore
     what it found, two threads' overlapping compiles would take the fix out from under
-    the one still running, or leave it in for good."""
+    the one still running, or leave it in for good. Whether Inductor needs the fix is
+    read once, under the lock, before any patch."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._compiles = 0
-        self._original: Any = None
+        self._needed: bool | None = None
+        self._original: Callable[..., Any] | None = None
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -554,30 +555,32 @@ class _SharedStoreFix:
 
         with self._lock:
             if self._compiles == 0:
-                self._original = original = cpp.CppTile2DKernel.store
+                if self._needed is None:
+                    self._needed = _doubles_tile2d_atomic_offset()
+                if self._needed:
+                    self._original = original = cpp.CppTile2DKernel.store
 
-                def store_once(kernel: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
-                    parallel_atomic = mode == "atomic_add" and (cpp.config.cpp.dynamic_threads or kernel.num_threads != 1)
-                    if parallel_atomic and not kernel.need_vec_transpose(kernel.rename_indexing(index)):
-                        return cpp.CppVecKernel.store(kernel, name, index, value, mode)  # ops.index_expr shifts it
-                    return original(kernel, name, index, value, mode)
+                    def store_once(kernel: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
+                        parallel = cpp.config.cpp.dynamic_threads or kernel.num_threads != 1
+                        if mode == "atomic_add" and parallel and not kernel.need_vec_transpose(kernel.rename_indexing(index)):
+                            return cpp.CppVecKernel.store(kernel, name, index, value, mode)  # ops.index_expr shifts it
+                        return original(kernel, name, index, value, mode)
 
-                cpp.CppTile2DKernel.store = store_once
+                    cpp.CppTile2DKernel.store = store_once
             self._compiles += 1
         try:
             yield
         finally:
             with self._lock:
                 self._compiles -= 1
-                if self._compiles == 0:
+                if self._compiles == 0 and self._original is not None:
                     cpp.CppTile2DKernel.store, self._original = self._original, None
 
 
 _tile2d_store_fix = _SharedStoreFix()
 
 
-@contextlib.contextmanager
-def tile2d_atomic_adds_fixed() -> Iterator[None]:
+def tile2d_atomic_adds_fixed() -> contextlib.AbstractContextManager[None]:
     """Inductor compiles in this context give a parallel ``atomic_add`` store in a 2-d
     tile (a nearest upsampling's backward, an ``index_put`` with ``accumulate``,
     reading a channels-last gradient into a contiguous result, as a backward remat
@@ -585,12 +588,9 @@ def tile2d_atomic_adds_fixed() -> Iterator[None]:
     offset, a decoder's backward on two threads wrote out of bounds and aborted the
     process (glibc: "malloc_consolidate(): invalid chunk size";
     ``tests/test_backend.py``). Where Inductor does not double the offset, nothing is
-    changed; compiles on several threads share the fix (``_SharedStoreFix``)."""
-    if not _doubles_tile2d_atomic_offset():
-        yield
-        return
-    with _tile2d_store_fix.applied():
-        yield
+    changed. Compiles on several threads share the fix (``_SharedStoreFix``), and so
+    does any Inductor compile that runs meanwhile, remat's or not."""
+    return _tile2d_store_fix.applied()
 
 
 def graph_code(gm: fx.GraphModule, inputs: Sequence[Any]) -> str:

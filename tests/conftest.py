@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# `make test`: 100 examples per property; `make test-slow`: 2000. Compiling a model
-# takes far longer than hypothesis' default deadline, hence no deadline.
+# `make test`: 100 examples per property, unless it sets fewer; `make test-slow`: 2000.
+# Compiling a model takes far longer than hypothesis' default deadline, hence no deadline.
 for profile, examples in (("default", 100), ("slow", 2000)):
     settings.register_profile(
         profile,

@@ -153,7 +153,7 @@ def test_a_decoder_backward_on_two_threads_scatters_its_upsampling_gradient_in_b
         torch.testing.assert_close(ours.grad, eager.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_the_tile2d_fix_stays_in_place_while_any_compile_runs():
+def test_the_tile2d_fix_stays_in_place_while_any_compile_runs(monkeypatch):
     """Compiles on two threads overlap and the first to start finishes first: the fix
     must stay until the second finishes too, then Inductor's own store comes back."""
     from torch._inductor.codegen import cpp
@@ -161,15 +161,25 @@ def test_the_tile2d_fix_stays_in_place_while_any_compile_runs():
     if not _torch_internals._doubles_tile2d_atomic_offset():
         pytest.skip("this Inductor gives a 2-d tile's atomic_add store its index once")
     original = cpp.CppTile2DKernel.store
+    monkeypatch.setattr(cpp.CppTile2DKernel, "store", original)  # back at teardown, whatever fails
     first, second = _torch_internals.tile2d_atomic_adds_fixed(), _torch_internals.tile2d_atomic_adds_fixed()
-    first.__enter__()
-    fixed = cpp.CppTile2DKernel.store
-    assert fixed is not original
-    second.__enter__()
-    first.__exit__(None, None, None)  # the other thread's compile ends first
-    assert cpp.CppTile2DKernel.store is fixed
-    second.__exit__(None, None, None)
-    assert cpp.CppTile2DKernel.store is original
+    inside = []
+    try:
+        first.__enter__()
+        inside.append(first)
+        fixed = cpp.CppTile2DKernel.store
+        assert fixed is not original
+        second.__enter__()
+        inside.append(second)
+        inside.remove(first)
+        first.__exit__(None, None, None)  # the other thread's compile ends first
+        assert cpp.CppTile2DKernel.store is fixed
+        inside.remove(second)
+        second.__exit__(None, None, None)
+        assert cpp.CppTile2DKernel.store is original
+    finally:
+        for context in inside:
+            context.__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("pool", [False, True])

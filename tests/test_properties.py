@@ -93,9 +93,10 @@ PARTITION_TOL = 8 * torch.finfo(torch.float32).eps
 
 SLOW = os.environ.get("HYPOTHESIS_PROFILE") == "slow"
 # Inductor compiles a model in 5-10 s on this CPU: a handful in `make test`, the full
-# profile (settings.default, loaded by conftest) in `make test-slow`. An example with
-# the eager inner compiler traces the model twice (remat's and PyTorch's partition) in
-# about 1.4 s: 50 in `make test` (100 took 141 s of its 20 minutes), 2000 in `make test-slow`.
+# profile (settings.default, loaded by conftest) in `make test-slow`. With the eager
+# inner compiler an example compiles the model once or twice (the equality property
+# also compiles PyTorch's partition), 0.7 to 1.4 s: 50 in `make test` (100 took 206 s
+# of its 20 minutes for the two), 2000 in `make test-slow`.
 INDUCTOR_EXAMPLES = settings.default.max_examples if SLOW else 6
 EAGER_EXAMPLES = settings.default.max_examples if SLOW else 50
 
