@@ -561,8 +561,8 @@ class _SharedStoreFix:
                     self._original = original = cpp.CppTile2DKernel.store
 
                     def store_once(kernel: Any, name: str, index: Any, value: Any, mode: Any = None) -> Any:
-                        parallel = cpp.config.cpp.dynamic_threads or kernel.num_threads != 1
-                        if mode == "atomic_add" and parallel and not kernel.need_vec_transpose(kernel.rename_indexing(index)):
+                        parallel_atomic = mode == "atomic_add" and (cpp.config.cpp.dynamic_threads or kernel.num_threads != 1)
+                        if parallel_atomic and not kernel.need_vec_transpose(kernel.rename_indexing(index)):
                             return cpp.CppVecKernel.store(kernel, name, index, value, mode)  # ops.index_expr shifts it
                         return original(kernel, name, index, value, mode)
 
