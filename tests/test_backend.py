@@ -18,6 +18,7 @@ import remat.partition
 from remat import _torch_internals
 from remat.options import RematOptions
 from remat.plan import MemoryPrediction, Plan
+from tests.checks import torch_threads
 from tests.zoo import UpsamplingDecoder
 
 
@@ -136,9 +137,7 @@ def test_a_decoder_backward_on_two_threads_scatters_its_upsampling_gradient_in_b
     (``_torch_internals.tile2d_atomic_adds_fixed``). The scatter is kept here as it is
     where ``passes.upsample_gradients`` cannot prove a window sum the same."""
     monkeypatch.setattr(remat.partition, "nearest_upsample_gradients", lambda graph, any_layout: 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         torch.manual_seed(0)
         model, x = UpsamplingDecoder(squared=True), torch.randn(8, 16, 32, 32)
         reference = copy.deepcopy(model)
@@ -147,8 +146,6 @@ def test_a_decoder_backward_on_two_threads_scatters_its_upsampling_gradient_in_b
         for _ in range(3):
             model.zero_grad(set_to_none=True)
             compiled(x).backward()
-    finally:
-        torch.set_num_threads(threads)
     for ours, eager in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(ours.grad, eager.grad, rtol=1e-4, atol=1e-6)
 

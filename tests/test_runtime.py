@@ -33,6 +33,7 @@ from remat.cost_models.runtime import (
     roofline_time,
 )
 from remat.passes.recompute_rules import is_view
+from tests.checks import torch_threads
 
 aten = torch.ops.aten
 CPU = torch.device("cpu")
@@ -176,13 +177,9 @@ def test_calibration_is_cached_on_disk(tmp_path, monkeypatch, counting):
 
 def test_calibration_key_includes_thread_count(tmp_path, monkeypatch, counting):
     monkeypatch.setenv("REMAT_CACHE_DIR", str(tmp_path))
-    threads = torch.get_num_threads()
     get_profile("cpu")
-    try:
-        torch.set_num_threads(threads + 1)
+    with torch_threads(torch.get_num_threads() + 1):
         get_profile("cpu")
-    finally:
-        torch.set_num_threads(threads)
     assert counting.calls == 2
     assert len(json.loads((tmp_path / devices.CACHE_FILE).read_text())) == 2
 
@@ -457,10 +454,8 @@ def test_profiled_matmul_matches_a_direct_measurement():
     n = 384
     node = mm_node(n, n, n)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     ratios = []
-    try:
+    with torch_threads(1):
         for _ in range(5):  # a shared machine's neighbours can upset one attempt
             # a fallback of 1 s would be far off: the figure must come from timing
             estimated = ProfilingEstimator(CPU, fallback=lambda node: 1.0)(node)
@@ -468,8 +463,6 @@ def test_profiled_matmul_matches_a_direct_measurement():
             ratios.append(estimated / measured)
             if 1 / 3 < ratios[-1] < 3:
                 break
-    finally:
-        torch.set_num_threads(threads)
     assert 1 / 3 < ratios[-1] < 3, ratios
 
 

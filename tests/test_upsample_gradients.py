@@ -13,6 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from remat.passes.upsample_gradients import nearest_upsample_gradients
 from remat.planning import plan_each
+from tests.checks import torch_threads
 from tests.zoo import UpsamplingDecoder
 
 aten = torch.ops.aten
@@ -158,12 +159,8 @@ def test_a_small_upsampling_compiles_on_two_threads() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(21, 12, 3, padding=1), nn.Upsample(scale_factor=3.0), nn.Flatten(), nn.Linear(12 * 6 * 3, 1))
     x = torch.randn(8, 21, 2, 1, requires_grad=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         _assert_gradients_equal_eager(nn.Sequential(model, _MeanSquare()), x, {"on_plan_failure": "raise"})
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _MeanSquare(nn.Module):
