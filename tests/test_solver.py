@@ -226,6 +226,34 @@ def test_the_lowest_plan_is_no_higher_than_any_plan_simulated(captured: dict[str
     assert lowest.peak == min(s.peak for s in problem.simulated()) <= everything_kept.peak
 
 
+def test_plans_that_keep_the_same_values_are_one_simulation(
+    captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a segment keeps the same values in two modes, the plans that differ only
+    in which of the two it is in are simulated once, and each keeps its own groups."""
+    found = plan_case("gpt", captured)
+    problem = BudgetProblem(found["graph"], found["info"], found["n"], make_estimator("roofline", "cpu"), fused=True)
+    count = len(problem.segments)
+    base = [Group(i, i, "mincut") for i in range(count)]
+    twins = [
+        (base, [*base[:k], Group(k, k, mode), *base[k + 1 :]])
+        for k in range(count)
+        for mode in ("fusible", "heavy", "save")
+        if problem.saved_values([*base[:k], Group(k, k, mode), *base[k + 1 :]]) == problem.saved_values(base)
+    ]
+    assert twins, "some GPT segment keeps the same values under the min-cut and another mode"
+    uniform, twin = twins[0]
+    first = problem.simulate(uniform)  # calibrated
+    assert not problem.was_simulated(twin)
+    simulations = []
+    simulate = budget_pass.simulate_saved
+    monkeypatch.setattr(budget_pass, "simulate_saved", lambda *args: simulations.append(1) or simulate(*args))
+    second = problem.simulate(twin)
+    assert not simulations and problem.was_simulated(twin)
+    assert (first.groups, second.groups) == (uniform, twin)
+    assert (first.peak, first.seconds, first.saved) == (second.peak, second.seconds, second.saved)
+
+
 def unet_copies(found: dict[str, Any]) -> list[Any]:
     return find_backward_copies(found["graph"], found["info"], find_segments(found["graph"], found["info"]))
 
