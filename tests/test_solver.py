@@ -10,6 +10,7 @@ import warnings
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,8 +170,20 @@ def problem_for(name: str, captured: dict[str, Any]) -> BudgetProblem:
     return BudgetProblem(found["graph"], found["info"], found["n"], make_estimator("roofline", "cpu"))
 
 
+def test_the_dynamic_program_extends_only_states_that_no_leaner_one_beats() -> None:
+    """Buckets hold more bytes kept the later they come: a state is skipped when an
+    earlier one is at least as fast."""
+    seconds = np.array([np.inf, 5.0, 6.0, 4.0, 4.0, np.inf, 3.0, 7.0])
+    assert budget_pass._undominated(seconds).tolist() == [1, 3, 6]
+    assert budget_pass._undominated(np.full(4, np.inf)).tolist() == []
+
+
 @pytest.mark.parametrize("name", ["gpt", "gpt-dropout", "unet", "resnet"])
-def test_dynamic_program_within_3_percent_of_the_ilp(name: str, captured: dict[str, Any]) -> None:
+def test_dynamic_program_within_3_percent_of_the_ilp(
+    name: str, captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dynamic program's plan is timed within 3% of the ILP's optimum, and the
+    states it skips as dominated (``_undominated``) never change that plan."""
     problem = problem_for(name, captured)
     low = lowest_plan(problem).peak - problem.resident
     top = problem.simulate([Group(i, i, "save") for i in range(len(problem.segments))]).peak - problem.resident
@@ -180,6 +193,9 @@ def test_dynamic_program_within_3_percent_of_the_ilp(name: str, captured: dict[s
         exact = solve_ilp(problem, budget)
         dp = solve_dp(problem, budget)
         assert (exact is None) == (dp is None), f"budget {budget}: ILP {exact}, DP {dp}"
+        with monkeypatch.context() as every_state:
+            every_state.setattr(budget_pass, "_undominated", lambda seconds: np.flatnonzero(np.isfinite(seconds)))
+            assert solve_dp(problem, budget) == dp
         if exact is not None:
             assert model_seconds(problem, dp) <= 1.03 * model_seconds(problem, exact) + 1e-12
             checked += 1

@@ -510,8 +510,8 @@ def solve_dp(problem: BudgetProblem, budget: float) -> list[Group] | None:
 def _undominated(seconds: np.ndarray) -> np.ndarray:
     """The states reached (finite ``seconds``) that no state with fewer bytes kept (an
     earlier one) reaches as fast: every plan that goes on from one of the others goes
-    on from that one too, fits wherever it fits and is faster. More than half the
-    states of a 12-layer GPT's dynamic program are not worth extending."""
+    on from that one too, fits wherever it fits and is no slower. More than half the
+    states of a 12-layer GPT's dynamic program are not worth extending (59%)."""
     reached = np.flatnonzero(np.isfinite(seconds))
     fastest_before = np.minimum.accumulate(np.concatenate([[np.inf], seconds[reached][:-1]]))
     return reached[seconds[reached] < fastest_before]
