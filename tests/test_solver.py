@@ -249,16 +249,15 @@ def test_plans_that_keep_the_same_values_are_one_simulation(
     in which of the two it is in are simulated once, and each keeps its own groups."""
     found = plan_case("gpt", captured)
     problem = BudgetProblem(found["graph"], found["info"], found["n"], make_estimator("roofline", "cpu"), fused=True)
-    count = len(problem.segments)
-    base = [Group(i, i, "mincut") for i in range(count)]
-    twins = [
-        (base, [*base[:k], Group(k, k, mode), *base[k + 1 :]])
-        for k in range(count)
+    uniform = [Group(i, i, "mincut") for i in range(len(problem.segments))]
+    kept = problem.saved_values(uniform)
+    variants = (
+        [*uniform[:k], Group(k, k, mode), *uniform[k + 1 :]]
+        for k in range(len(uniform))
         for mode in ("fusible", "heavy", "save")
-        if problem.saved_values([*base[:k], Group(k, k, mode), *base[k + 1 :]]) == problem.saved_values(base)
-    ]
-    assert twins, "some GPT segment keeps the same values under the min-cut and another mode"
-    uniform, twin = twins[0]
+    )
+    twin = next((v for v in variants if problem.saved_values(v) == kept), None)
+    assert twin is not None, "some GPT segment keeps the same values under the min-cut and another mode"
     first = problem.simulate(uniform)  # calibrated
     assert not problem.was_simulated(twin)
     simulations = []

@@ -303,11 +303,12 @@ class BudgetProblem:
         budget sweeps' GPT and U-Net plans)."""
         key = tuple(groups)
         if key not in self._simulated:
-            saved = self.saved_values(groups)  # in graph order
-            step = self._steps.get(tuple(saved))
+            saved = self.saved_values(groups)
+            saved_set = tuple(saved)  # in graph order
+            step = self._steps.get(saved_set)
             if step is None:
                 with fixed_graph(self._memo):
-                    step = self._steps[tuple(saved)] = simulate_saved(
+                    step = self._steps[saved_set] = simulate_saved(
                         self.graph, saved, self.num_fwd_outputs, self.seconds, self.fused
                     )
             self._simulated[key] = replace(step, groups=list(groups))
