@@ -371,6 +371,44 @@ def test_outcomes_rank_meeting_the_budget_then_time_and_peaks_apart_by_more_than
     assert not outcome(close, 2.0, False).better_than(outcome(peak, 1.0, False))
 
 
+@pytest.mark.parametrize(
+    ("simulated_peaks", "ladder_solved"),
+    [
+        ({1000: 1100, 900: 1050, 850: 1000}, False),  # misses at model budgets below every rung
+        ({1000: 1010, 990: 1000}, True),  # the miss at the budget: the rungs lie below it
+    ],
+)
+def test_the_ladder_solves_no_rung_where_the_corrections_found_a_miss(
+    monkeypatch: pytest.MonkeyPatch, simulated_peaks: dict[int, int], ladder_solved: bool
+) -> None:
+    """After the corrections, the ladder asks the model for leaner plans at steps below
+    the budget; a rung at or above a model budget whose plan missed asks for a plan
+    that is not leaner than one known to miss, so it is neither solved nor simulated
+    (the 12-layer GPT's model underestimates its peak by 6%: two of its ten simulations)."""
+    budget = 1000
+    # The model times the plans alike (within ``GAIN``): the search stops bisecting at once.
+    model_time = {t: 9.0 + (budget - t) * 1e-7 for t in range(budget + 1)}
+    solved: list[float] = []
+
+    def plan_at(target: float) -> list[Group]:
+        solved.append(target)
+        return [Group(0, 0, str(round(target)))]
+
+    problem = SimpleNamespace(
+        resident=0,
+        costs={Group(0, 0, str(t)): SimpleNamespace(seconds=s) for t, s in model_time.items()},
+        simulate=lambda groups: SimpleNamespace(
+            groups=groups, peak=simulated_peaks.get(int(groups[0].mode), budget), seconds=model_time[int(groups[0].mode)]
+        ),
+    )
+    monkeypatch.setattr(budget_pass, "solve_dp", lambda _problem, target: plan_at(target))
+    best, _ = budget_pass._fit(problem, budget)  # type: ignore[arg-type]
+    assert best is not None and best.peak <= budget
+    corrections = [float(t) for t in simulated_peaks]
+    rungs = [budget * (1 - budget_pass.LADDER_STEP * step) for step in range(1, budget_pass.LADDER + 1)]
+    assert solved == pytest.approx(corrections + (rungs if ladder_solved else []))
+
+
 def test_an_infeasible_budget_reports_the_lowest_peak_of_the_graphs_tried(captured: dict[str, Any]) -> None:
     """With backward copies in play (the U-Net), a budget no plan meets gives the error
     that names the lowest peak (here as on_infeasible='closest' warns it): no higher
