@@ -63,8 +63,8 @@ BRACKET = 0.002  # corrections stop when the model budgets of a fit and a miss a
 # budget: its additive times miss some of the simulated ones (by 0.5% on a small GPT,
 # enough to prefer a slower plan at a higher budget), and a leaner plan may run faster.
 # A step at or above a model budget whose plan missed is skipped: where the model
-# underestimates peaks, the corrections go below the steps, and a plan there is not
-# leaner than one that missed (two of the ten simulations of a 12-layer GPT's solve).
+# underestimates peaks, the corrections go below the steps, and a plan asked for there
+# is no leaner than one that missed (two of the ten simulations of a 12-layer GPT's solve).
 LADDER = 3
 LADDER_STEP = 0.02
 # Plans that the model times within this fraction of a step are worth telling apart
