@@ -2,6 +2,7 @@
 
     python -m benchmarks.demo          (or `make demo`)
 
+It prints its report as it goes and writes it whole to ``benchmarks/results/demo.md``.
 The model does not fit its budget: eager's measured peak is first, and remat gets
 ``memory_budget`` = the parameters and inputs plus ``BUDGET_SHARE`` of that peak. Every
 number comes from ``benchmarks.measure`` (fresh processes, DESIGN.md "Measuring"), so
@@ -11,13 +12,12 @@ the table is reproducible from the command line it prints.
 from __future__ import annotations
 
 import argparse
-import datetime
-import shlex
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.measure import (
-    MIB, Job, ModelSpec, machine, machine_summary, measure, resident_bytes, run_worker, spec_summary, table,
+    MIB, REPO_ROOT, Job, ModelSpec, measure, report_head, resident_bytes, run_worker, spec_summary, table,
 )
 
 # Sized so that a step takes about a second on one core of a shared CPU, the peak is
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=1,
         help="torch threads per worker (default 1: steady timings on a shared machine)",
     )
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "demo.md",
+        help="where the report is written (default: benchmarks/results/demo.md)",
+    )
     args = parser.parse_args(argv)
     # SGD updates the parameters in place: the step's peak is that of the forward and
     # backward, which is what memory_budget bounds (Adam's update would add its own
@@ -44,48 +48,53 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"warmup": 2, "steps": 5, "optimizer": "sgd", "threads": args.threads}
     started = time.perf_counter()
 
-    info = machine()
-    print("# remat demo: one GPT-style training step, before and after\n")
-    print(f"command: `{shlex.join([sys.executable, '-m', 'benchmarks.demo', *sys.argv[1:]])}`")
-    print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"machine: {machine_summary(info, args.threads)}")
-    print(f"model: {spec_summary(GPT)}")
-    print(
+    report: list[str] = []
+
+    def say(text: str = "") -> None:
+        """Print a line of the report now (a run takes minutes) and keep it for the file."""
+        print(text, flush=True)
+        report.append(text)
+
+    title = "remat demo: one GPT-style training step, before and after"
+    for line in report_head(title, "benchmarks.demo", args.threads, sys.argv[1:] if argv is None else argv):
+        say(line)
+    say(f"model: {spec_summary(GPT)}")
+    say(
         f"step: forward, cross-entropy loss, backward, SGD step; {settings['warmup']} warm-up steps "
         "(compilation happens there) before measuring"
     )
-    print(
+    say(
         "peak: VmHWM - VmRSS across one step, in a fresh process with MALLOC_MMAP_THRESHOLD_=131072; "
-        f"time: median of {settings['steps']} steps in a second fresh process without it\n",
-        flush=True,
+        f"time: median of {settings['steps']} steps in a second fresh process without it"
     )
+    say()
 
     results = {}
     for strategy in ("eager", "compile-default"):
-        print(f"measuring {strategy} ...", flush=True)
+        say(f"measuring {strategy} ...")
         results[strategy] = measure(GPT, strategy, **settings)
     resident = resident_bytes(GPT)
     allowed = BUDGET_SHARE * results["eager"]["peak_bytes"]
     budget = {"memory_budget": f"{(resident + allowed) / MIB:.1f}MiB"}
-    print(
+    say(
         f"measuring remat with {budget} (parameters and inputs {resident / MIB:.1f} MiB + "
-        f"{BUDGET_SHARE} x eager's peak of {results['eager']['peak_bytes'] / MIB:.1f} MiB) ...",
-        flush=True,
+        f"{BUDGET_SHARE} x eager's peak of {results['eager']['peak_bytes'] / MIB:.1f} MiB) ..."
     )
     results["remat"] = measure(GPT, "remat", budget, **settings)
     params = results["eager"]["parameters"]
-    print(f"\n{params / 1e6:.2f} M parameters\n")
-    print(table(list(results.values())))
-
-    print()
+    say()
+    say(f"{params / 1e6:.2f} M parameters")
+    say()
+    say(table(list(results.values())))
+    say()
     for plan in results["remat"]["plans"]:
-        print(
+        say(
             f"remat plan {plan['graph']} ({plan['partitioner']}): {plan['kept']} kept "
             f"({plan['saved_bytes'] / MIB:.1f} MiB of saved activations), {plan['recomputed']} recomputed"
             + (f"; fell back: {plan['fallback_reason']}" if plan["fallback_reason"] else "")
         )
     peak = results["remat"]["peak_bytes"]
-    print(
+    say(
         f"budget: {budget['memory_budget']} for the step, of which {allowed / MIB:.1f} MiB above the "
         f"parameters and inputs; remat's measured peak above them: {peak / MIB:.1f} MiB ({verdict(peak, allowed)}; "
         f"eager {results['eager']['peak_bytes'] / MIB:.1f} MiB, torch.compile "
@@ -93,16 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     for plan in results["remat"]["plans"]:
         if plan["predicted_fused_peak_bytes"] is not None:
-            print(
+            say(
                 f"simulated peak of {plan['graph']} (what memory_budget bounds): "
                 f"{plan['predicted_fused_peak_bytes'] / MIB:.1f} MiB above the parameters and inputs"
             )
     again = run_worker(Job(GPT, "remat", "peak", budget, **settings))["peak_bytes"]
-    print(
+    say(
         f"repeat: remat's peak measured again in another fresh process: {again / MIB:.1f} MiB "
         f"(first {peak / MIB:.1f} MiB, difference {abs(again - peak) / MIB:.2f} MiB)"
     )
-    print(f"\ndemo took {time.perf_counter() - started:.0f} s")
+    say()
+    say(f"demo took {time.perf_counter() - started:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(report) + "\n")
+    print(f"written to {args.out}")
 
 
 def verdict(peak: float, allowed: float) -> str:

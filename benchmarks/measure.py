@@ -410,10 +410,10 @@ def machine_summary(info: Mapping[str, Any], threads: int | None) -> str:
     )
 
 
-def report_head(title: str, module: str, threads: int | None) -> list[str]:
+def report_head(title: str, module: str, threads: int | None, arguments: Sequence[str] = ()) -> list[str]:
     """A report's first lines: its title, the command that writes it (``python -m
-    module``), the date and the machine."""
-    command = shlex.join([Path(sys.executable).name, "-m", module])
+    module arguments``), the date and the machine."""
+    command = shlex.join([Path(sys.executable).name, "-m", module, *arguments])
     return [
         f"# {title}",
         "",

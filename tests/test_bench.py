@@ -13,6 +13,7 @@ import json
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -324,7 +325,9 @@ def test_pair_worker_times_two_strategies_in_turn() -> None:
         run_pair(first, dataclasses.replace(second, steps=2))
 
 
-def test_demo_prints_the_shared_table(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+def test_demo_prints_the_shared_table_and_writes_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: Any, tmp_path: Path
+) -> None:
     from benchmarks import demo
 
     plan = {"graph": "graph_0", "partitioner": "remat-budget", "saved_bytes": 2**20, "kept": 3, "recomputed": 4,
@@ -339,8 +342,12 @@ def test_demo_prints_the_shared_table(monkeypatch: pytest.MonkeyPatch, capsys: A
     monkeypatch.setattr(demo, "measure", fake_measure)
     monkeypatch.setattr(demo, "resident_bytes", lambda spec: 30 * 2**20)
     monkeypatch.setattr(demo, "run_worker", lambda job: {"peak_bytes": 70 * 2**20})
-    demo.main([])
+    written = tmp_path / "results" / "demo.md"
+    demo.main(["--out", str(written)])
     out = capsys.readouterr().out
+    report = written.read_text()
+    assert out == report + f"written to {written}\n"  # the whole report, as printed
+    assert f"-m benchmarks.demo --out {written}`" in report  # the command that wrote it
     assert asked["remat"] == {"memory_budget": "110.0MiB"}  # 30 MiB resident + 0.5 x eager's 160 MiB
     assert "| eager | 160.0 | 0.800 | 1.00 | 1.00 | reference |" in out
     assert "| torch.compile(backend='remat') (Inductor) | 70.0 | 0.800 | 0.44 | 1.00 |" in out
