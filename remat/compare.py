@@ -21,6 +21,7 @@ from typing import Any
 
 from remat import _torch_internals as internals
 from remat.options import RematOptions
+from remat.cost_models.memory import step_fusions
 from remat.plan import Plan, estimate_time, predict_memory
 from remat.partition import RematPartitioner
 from remat.planning import partition_step
@@ -70,8 +71,11 @@ def compare(
     rows = []
     for budget, plan, theirs in zip(budgets, plans, graphs[1::2], strict=True):
         # PyTorch's partition compiles with Inductor's defaults: its buffer pool included
-        memory = predict_memory(theirs.forward, theirs.backward, theirs.num_fwd_outputs, fused=fused, buffer_pool=fused)
-        seconds, _ = estimate_time(theirs.forward, theirs.backward, base["time_estimator"], fused)
+        fusions = step_fusions(theirs.forward.graph, theirs.backward.graph) if fused else None
+        memory = predict_memory(
+            theirs.forward, theirs.backward, theirs.num_fwd_outputs, fused=fused, buffer_pool=fused, fusions=fusions
+        )
+        seconds, _ = estimate_time(theirs.forward, theirs.backward, base["time_estimator"], fused, fusions)
         mine = plan.step_memory
         if mine is None or plan.estimated_time_s is None:
             raise ValueError(f"remat's plan at budget {budget} has no predictions (see the log for why)")

@@ -23,6 +23,8 @@ from remat.passes.gradient_slices import copy_out_waiting_slices
 from remat.passes.upsample_gradients import nearest_upsample_gradients
 from remat.passes.weight_gradients import weight_gradients_first
 from remat.passes.remat import MinCutResult, solve_min_cut
+from remat.cost_models.fusion import Fusion
+from remat.cost_models.memory import step_fusions
 from remat.cost_models.runtime import make_estimator
 from remat.cost_models.sizes import graph_device
 from remat.passes.offload_graph import Offloaded, insert_offloads
@@ -170,9 +172,9 @@ class RematPartitioner:
                 **offload.offloaded,
             }
         saved = saved_activation_size(fw, num_fwd_outputs)
-        memory, fused_memory, time_s, estimator = self._estimates(fw, bw, num_fwd_outputs)
+        memory, fused_memory, time_s, estimator, fusions = self._estimates(fw, bw, num_fwd_outputs)
         buffer_pool, fused_memory = self._buffer_pool(
-            fw, bw, num_fwd_outputs, fused_memory, budgeted.budget_bytes if budgeted else None
+            fw, bw, num_fwd_outputs, fused_memory, fusions, budgeted.budget_bytes if budgeted else None
         )
         if buffer_pool is not None:
             fw.meta[internals.BUFFER_POOL_META] = buffer_pool
@@ -202,24 +204,26 @@ class RematPartitioner:
         log.info("%s", plan.summary())
         return plan
 
-    def _estimates(
-        self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
-    ) -> tuple[MemoryPrediction | None, MemoryPrediction | None, float | None, str | None]:
-        """Predicted memory (op by op, and under Inductor's fusion) and time. They
-        describe the partition, they do not make it: if the cost models fail, the Plan
-        goes without them and the partition stands."""
+    def _estimates(self, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> tuple[
+        MemoryPrediction | None, MemoryPrediction | None, float | None, str | None, list[Fusion] | None
+    ]:
+        """Predicted memory (op by op, and under Inductor's fusion) and time, and the
+        fusion model's view of the two graphs that the fused ones share. They describe
+        the partition, they do not make it: if the cost models fail, the Plan goes
+        without them and the partition stands."""
         try:
+            fusions = step_fusions(fw.graph, bw.graph)
             memory = predict_memory(fw, bw, num_fwd_outputs)
-            fused_memory = predict_fused_memory(fw, bw, num_fwd_outputs)
-            time_s, estimator = estimate_time(fw, bw, self.options.time_estimator, fused_model(self.options))
+            fused_memory = predict_fused_memory(fw, bw, num_fwd_outputs, fusions)
+            time_s, estimator = estimate_time(fw, bw, self.options.time_estimator, fused_model(self.options), fusions)
         except Exception as error:
             log.warning(
                 "remat could not estimate the memory and time of graph %s (%s: %s); its Plan has no predictions",
                 self.graph_name, type(error).__name__, error,
             )
             log.debug("remat cost model failure", exc_info=True)
-            return None, None, None, None
-        return memory, fused_memory, time_s, estimator
+            return None, None, None, None, None
+        return memory, fused_memory, time_s, estimator, fusions
 
     def _buffer_pool(
         self,
@@ -227,6 +231,7 @@ class RematPartitioner:
         bw: fx.GraphModule,
         num_fwd_outputs: int,
         fused_memory: MemoryPrediction | None,
+        fusions: list[Fusion] | None,
         budget_bytes: int | None,
     ) -> tuple[bool | None, MemoryPrediction | None]:
         """Whether Inductor's wrapper may pool freed buffers for these graphs, and the
@@ -241,7 +246,7 @@ class RematPartitioner:
         if self.options.inner_compiler != "inductor" or fused_memory is None:
             return None, fused_memory
         try:
-            pooled = predict_memory(fw, bw, num_fwd_outputs, fused=True, buffer_pool=True)
+            pooled = predict_memory(fw, bw, num_fwd_outputs, fused=True, buffer_pool=True, fusions=fusions)
         except Exception:  # a prediction, not a decision the partition needs
             log.debug("remat could not simulate Inductor's buffer pool on %s", self.graph_name, exc_info=True)
             return None, fused_memory

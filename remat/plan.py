@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import sympy
 import torch.fx as fx
 
-from remat.cost_models.memory import graph_fusion, running_nodes, simulate_step
+from remat.cost_models.fusion import Fusion
+from remat.cost_models.memory import running_nodes, simulate_step, step_fusions
 from remat.cost_models.runtime import make_estimator
 from remat.cost_models.sizes import Size, graph_device, human_bytes, node_tensor, tensor_size, unique_storage_size
 from remat.cost_models.step_time import position_seconds
@@ -198,12 +199,19 @@ def predict_memory(
     *,
     fused: bool = False,
     buffer_pool: bool = False,
+    fusions: Sequence[Fusion] | None = None,
 ) -> MemoryPrediction:
-    """Simulate a step of the two graphs (``fused``: as Inductor compiles them;
-    ``buffer_pool``: with its default buffer pool, which remat keeps only where its
-    holds fit the budget); keep what a Plan reports."""
+    """Simulate a step of the two graphs (``fused``: as Inductor compiles them, whose
+    ``step_fusions`` the caller may have already; ``buffer_pool``: with its default
+    buffer pool, which remat keeps only where its holds fit the budget); keep what a
+    Plan reports."""
     timeline = simulate_step(
-        fw_module.graph, bw_module.graph, num_user_outputs=num_fwd_outputs, fused=fused, buffer_pool=buffer_pool
+        fw_module.graph,
+        bw_module.graph,
+        num_user_outputs=num_fwd_outputs,
+        fused=fused,
+        buffer_pool=buffer_pool,
+        fusions=fusions,
     )
     return MemoryPrediction(
         peak_bytes=timeline.peak_bytes,
@@ -214,19 +222,32 @@ def predict_memory(
     )
 
 
-def predict_fused_memory(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int) -> MemoryPrediction:
+def predict_fused_memory(
+    fw_module: fx.GraphModule,
+    bw_module: fx.GraphModule,
+    num_fwd_outputs: int,
+    fusions: Sequence[Fusion] | None = None,
+) -> MemoryPrediction:
     """``predict_memory`` of the two graphs compiled by Inductor."""
-    return predict_memory(fw_module, bw_module, num_fwd_outputs, fused=True)
+    return predict_memory(fw_module, bw_module, num_fwd_outputs, fused=True, fusions=fusions)
 
 
 def estimate_time(
-    fw_module: fx.GraphModule, bw_module: fx.GraphModule, estimator_name: str, fused: bool = False
+    fw_module: fx.GraphModule,
+    bw_module: fx.GraphModule,
+    estimator_name: str,
+    fused: bool = False,
+    fusions: Sequence[Fusion] | None = None,
 ) -> tuple[float, str]:
     """Seconds for a step of the two graphs (``fused``: as Inductor compiles them, else
-    run op by op), and how that was estimated."""
+    run op by op; ``fusions``: their ``step_fusions``, where the caller has it), and how
+    that was estimated."""
     estimator = make_estimator(estimator_name, graph_device(fw_module.graph))
     forward, backward = running_nodes(fw_module.graph), running_nodes(bw_module.graph)
-    fusions = (graph_fusion(fw_module.graph), graph_fusion(bw_module.graph, fw_module.graph)) if fused else None
+    if not fused:
+        fusions = None
+    elif fusions is None:
+        fusions = step_fusions(fw_module.graph, bw_module.graph)
     label = f"{estimator_name}, {'as Inductor fuses it' if fused else 'op by op'}"
     if estimator_name == "roofline":
         label += f", {estimator.profile.name} profile"  # type: ignore[attr-defined]

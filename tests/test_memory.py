@@ -21,6 +21,7 @@ from remat.cost_models.fusion import fuse
 from remat.cost_models.memory import _reuse_freed_buffers, _Storage, simulate_order, simulate_step
 from remat.passes.conv_input_layout import make_conv_inputs_channels_last
 from remat.passes.schedule import complete_saved_set, step_order
+from benchmarks.measure import WithLoss
 from tests.strategies import ModelSpec, build, make_input, model_specs
 from tests.zoo import UpsamplingDecoder, make_dynamic
 
@@ -576,6 +577,34 @@ def test_fused_timeline_of_the_solver_order_equals_the_extracted_graphs(name: st
     assert copies > 0 if name == "unet" else copies == 0
     unfused = simulate_step(found["fw"].graph, found["bw"].graph, num_user_outputs=found["n"])
     assert real.peak_bytes - copies < unfused.peak_bytes
+
+
+def test_the_plans_fused_predictions_share_one_fusion_of_each_graph(monkeypatch) -> None:
+    """The fusion model is the costliest part of a fused simulation: the Plan's fused
+    peak, its buffer-pool choice and its time all come from one ``graph_fusion`` of the
+    forward and one of the backward, and equal what each computes on its own."""
+    import remat.cost_models.memory as memory
+    from remat.plan import estimate_time
+    from tests.zoo import make_gpt
+
+    fused: list[torch.fx.Graph] = []
+    graph_fusion = memory.graph_fusion
+
+    def spy(graph, forward=None):
+        fused.append(graph)
+        return graph_fusion(graph, forward)
+
+    monkeypatch.setattr(memory, "graph_fusion", spy)
+    case = make_gpt(n_layers=2, d_model=64, n_heads=4, seq_len=64, vocab=128, batch=2, dropout=0.0)
+    step = WithLoss(case.model, case.loss_fn)
+    plan = remat.plan(step, *case.inputs, memory_budget=0.7, inner_compiler="inductor", on_plan_failure="raise")
+    assert len(fused) == 2 and fused[0] is not fused[1], fused  # the forward, then the backward
+    fw, bw = fused
+    alone = simulate_step(fw, bw, num_user_outputs=1, fused=True, buffer_pool=bool(plan.buffer_pool))  # 1: the loss
+    assert plan.fused_memory is not None and plan.fused_memory.live_bytes == alone.live_bytes
+    seconds, _ = estimate_time(fw.owning_module, bw.owning_module, plan.options["time_estimator"], fused=True)
+    assert plan.estimated_time_s == seconds
+    assert len(fused) == 2 + 2 + 2  # each computed its own
 
 
 def test_views_and_in_place_results_share_their_base() -> None:

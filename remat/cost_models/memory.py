@@ -34,7 +34,7 @@ A full simulation is linear in the graph size (a difference array).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -104,6 +104,13 @@ def graph_fusion(graph: fx.Graph, forward: fx.Graph | None = None) -> Fusion:
     return fuse(running_nodes(graph), _outputs(graph), inputs_channels_last=inputs_channels_last, backward=forward is not None)
 
 
+def step_fusions(forward: fx.Graph, backward: fx.Graph | None = None) -> list[Fusion]:
+    """``graph_fusion`` of each graph of a step, in order. The fusion model is the
+    costliest part of a fused simulation, so a caller that simulates and times the
+    same graphs computes this once and hands it to each."""
+    return [graph_fusion(forward)] + ([graph_fusion(backward, forward)] if backward is not None else [])
+
+
 @dataclass(eq=False, slots=True)
 class _Storage:
     """A storage's bytes and the positions it is live at. ``kind``: what Inductor's
@@ -136,12 +143,14 @@ def simulate_step(
     num_user_outputs: int | None = None,
     fused: bool = False,
     buffer_pool: bool = False,
+    fusions: Sequence[Fusion] | None = None,
 ) -> MemoryTimeline:
     """The memory timeline of ``forward`` then ``backward`` (partitioned graphs whose
     values share fake tensors, as AOTAutograd's partitioner makes them). The first
     ``num_user_outputs`` forward outputs are the caller's; the rest are saved values.
     ``fused``: each graph compiled by Inductor, not run op by op; ``buffer_pool``: with
-    the wrapper's buffer pool, as Inductor compiles by default."""
+    the wrapper's buffer pool, as Inductor compiles by default; ``fusions``:
+    ``step_fusions(forward, backward)``, where the caller has it already."""
     graphs = [("forward", forward)] + ([("backward", backward)] if backward is not None else [])
     positions: list[str] = []
     where: dict[fx.Node, int] = {}
@@ -162,13 +171,17 @@ def simulate_step(
     storages: dict[tuple[int, int], _Storage] = {}
     copies: list[Interval] = []
     returned_copies: dict[int, _Storage] = {}  # by the storage of the input copied
-    fusions: list[tuple[Fusion, dict[fx.Node, int], Callable[[fx.Node], _Storage | None]]] = []
+    if not fused:
+        fusions = [_UNFUSED] * len(graphs)
+    elif fusions is None:
+        fusions = step_fusions(forward, backward)
+    fused_graphs: list[tuple[Fusion, dict[fx.Node, int], Callable[[fx.Node], _Storage | None]]] = []
     spans: list[tuple[int, int]] = []  # first and last position of each graph
     graph_start = 0
     for index, (name, graph) in enumerate(graphs):
         nodes = running_nodes(graph)
         graph_end = graph_start + len(nodes) - 1
-        fusion = graph_fusion(graph, forward if index else None) if fused else _UNFUSED
+        fusion = fusions[index]
         runs_at = _kernel_positions(fusion, {n: where[n] for n in nodes})
         read_at = read_positions(nodes, runs_at, fusion)
         copies.extend(_copies(fusion, runs_at))
@@ -189,7 +202,7 @@ def simulate_step(
             ref = _only_storage(node)
             return storages.get((index - 1, ref) if index and ref in handed_over else (index, ref))
 
-        fusions.append((fusion, runs_at, storage_of))
+        fused_graphs.append((fusion, runs_at, storage_of))
         for node in graph.nodes:
             if node.op == "output" or node in fusion.inlined:
                 continue
@@ -213,7 +226,7 @@ def simulate_step(
         graph_start = graph_end + 1
     _keep_forward_outputs_to_end(forward, backward, storages, last, num_user_outputs)
     if fused:
-        for (fusion, runs_at, storage_of), (first, final) in zip(fusions, spans):
+        for (fusion, runs_at, storage_of), (first, final) in zip(fused_graphs, spans):
             _share_cat_buffers(fusion, storage_of)
             consumed = _write_in_place(fusion, runs_at, storage_of)
             if buffer_pool:

@@ -60,11 +60,11 @@ def position_seconds(
     forward: Sequence[fx.Node],
     backward: Sequence[fx.Node],
     seconds: Estimator,
-    fusions: tuple[Fusion, Fusion] | None,
+    fusions: Sequence[Fusion] | None,
 ) -> list[float]:
     """Seconds of each position of a step's timeline (the forward's nodes, then the
-    backward's): as Inductor compiles the two graphs where ``fusions`` says how and
-    the estimator has a device profile, else op by op."""
+    backward's): as Inductor compiles the two graphs where ``fusions`` (the forward's
+    and the backward's) says how and the estimator has a device profile, else op by op."""
     profile = estimator_profile(seconds)
     if fusions is None or profile is None:
         return [seconds(n) for n in (*forward, *backward)]
