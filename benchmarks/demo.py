@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     again = run_worker(Job(GPT, "remat", "peak", budget, **settings))["peak_bytes"]
     say(
         f"repeat: remat's peak measured again in another fresh process: {again / MIB:.1f} MiB "
-        f"(first {peak / MIB:.1f} MiB, difference {abs(again - peak) / MIB:.2f} MiB)"
+        f"({verdict(again, allowed)}; first {peak / MIB:.1f} MiB, difference {abs(again - peak) / MIB:.2f} MiB)"
     )
     say()
     say(f"demo took {time.perf_counter() - started:.0f} s")

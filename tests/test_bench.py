@@ -354,6 +354,7 @@ def test_demo_prints_the_shared_table_and_writes_it(
     assert "remat plan graph_0 (remat-budget): 3 kept" in out
     assert "80.0 MiB above the parameters and inputs; remat's measured peak above them: 70.0 MiB (within" in out
     assert "simulated peak of graph_0 (what memory_budget bounds): 69.0 MiB above the parameters and inputs" in out
+    assert "another fresh process: 70.0 MiB (within the budget; first 70.0 MiB, difference 0.00 MiB)" in out
     assert demo.verdict(81.3 * 2**20, 81.2 * 2**20) == "OVER the budget by 0.10 MiB, 0.1%"
 
 
