@@ -764,6 +764,64 @@ def test_step_peak_includes_the_convolution_workspace() -> None:
         assert plan.memory.peak_bytes > 3 * activation
 
 
+def _allocated_scratch(run) -> int:
+    """The bytes ``run()`` allocates and frees again before it returns: the peak of its
+    allocations above what is still allocated at its end (its results, which it keeps)."""
+    live = peak = 0
+    for name, nbytes, _, _ in internals.allocator_events(run):
+        if name == "[memory]":
+            live += nbytes
+            peak = max(peak, live)
+    return peak - live
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, heads, length, head_size", [(2, 4, 256, 64), (1, 2, 100, 32), (1, 1, 800, 16)])
+@pytest.mark.parametrize("grad_out_layout", ["from (batch, length, heads)", "contiguous"])
+def test_flash_attention_scratch_is_what_the_op_allocates(
+    threads: int, dtype: torch.dtype, batch: int, heads: int, length: int, head_size: int, grad_out_layout: str
+) -> None:
+    """The CPU flash attention's scratch (``workspace_bytes``), forward and backward, is
+    what the kernel allocates on the way: per-thread blocks sized by the sequence, and
+    in the backward a copy of a gradient not laid out as (batch, length, heads, head
+    size)."""
+    from remat.cost_models.workspace import workspace_bytes
+
+    forward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    q, k, v = (torch.randn(batch, heads, length, head_size, dtype=dtype) for _ in range(3))
+    out, lse = forward_op(q, k, v)
+    grad_out = torch.randn(batch, length, heads, head_size, dtype=dtype).transpose(1, 2)
+    if grad_out_layout == "contiguous":
+        grad_out = grad_out.contiguous()
+
+    def node_of(op, fn, *inputs):
+        (node,) = _fake_graph(fn, *inputs).find_nodes(op="call_function", target=op)
+        return node
+
+    forward = node_of(forward_op, lambda q, k, v: forward_op(q, k, v)[0], q, k, v)
+    backward = node_of(
+        backward_op, lambda g, q, k, v, o, l: backward_op(g, q, k, v, o, l, 0.0, False)[0], grad_out, q, k, v, out, lse
+    )
+    kept: list = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        measured_forward = _allocated_scratch(lambda: kept.append(forward_op(q, k, v)))
+        measured_backward = _allocated_scratch(lambda: kept.append(backward_op(grad_out, q, k, v, out, lse, 0.0, False)))
+        predicted_forward, predicted_backward = workspace_bytes(forward), workspace_bytes(backward)
+    finally:
+        torch.set_num_threads(before)
+    assert predicted_forward == measured_forward > 0
+    if grad_out_layout == "contiguous":
+        assert measured_backward > grad_out.numel() * grad_out.element_size()  # the copy
+    # the profiler sees the calling thread's allocations only: each other thread's row
+    # sums (one float per query of a block, at most 1 KiB) are in the prediction alone
+    assert 0 <= predicted_backward - measured_backward <= (threads - 1) * 1024
+    assert predicted_backward > 0
+
+
 def test_predicted_peak_is_within_twenty_percent_of_the_measured_one() -> None:
     """A step measured in a fresh process (DESIGN.md "Measuring") against the peak its
     own Plan predicted; `make predict` reports the zoo at larger sizes (within 2%)."""

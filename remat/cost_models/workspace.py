@@ -3,11 +3,14 @@
 The FX graph shows every tensor an op returns but not the scratch it needs on the way.
 For most aten ops that scratch is negligible; for convolutions on the CPU it is not:
 oneDNN reorders the input (and the output or gradients) to its blocked layouts, which
-costs about as much again as the activations themselves. The figures below were
-measured on this project's CPU machine (torch 2.13, one and two threads; the high-water
-mark of one op in a fresh process, minus the bytes it returns) and are documented per
-rule. Where no rule is known the op counts no scratch, which ``tests/test_memory.py``
-and ``benchmarks/predict.py`` hold to account against measured peaks.
+costs about as much again as the activations themselves. CPU flash attention holds
+blocks of scores per thread (0.125 MiB in the backward of a 256-token sequence). The
+convolution figures below were measured on this project's CPU machine (torch 2.13, one
+and two threads; the high-water mark of one op in a fresh process, minus the bytes it
+returns) and are documented per rule; the attention rules follow PyTorch's kernel and
+a test holds them to the allocations the op makes. Where no rule is known the op
+counts no scratch, which ``tests/test_memory.py`` and ``benchmarks/predict.py`` hold
+to account against measured peaks.
 """
 
 from __future__ import annotations
@@ -82,9 +85,74 @@ def _cpu_convolution_backward(node: fx.Node, channels_last: bool) -> int:
     return _bytes(x) + second + _bytes(weight) + _contiguous_copy(grad_out) + _contiguous_copy(x)
 
 
+def _contiguous_in_order(t: torch.Tensor, order: tuple[int, ...]) -> bool:
+    """Whether ``t``, its dimensions taken in ``order``, is contiguous. Read at the
+    hints, as ``sizes.packed_strides``: deciding must not add guards."""
+    expected = 1
+    for dim in reversed(order):
+        size = size_hint(t.shape[dim])
+        if size != 1 and size_hint(t.stride()[dim]) != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flash_blocks(query: torch.Tensor, key: torch.Tensor) -> tuple[int, int]:
+    """The query and key block lengths of PyTorch's CPU flash attention
+    (``FlashAttentionKernel.cpp``): queries in blocks of 256 from 768 on, of 64 from
+    192 on, else of 32; keys in blocks of 512; neither longer than the sequence."""
+    q_len, kv_len = size_hint(query.shape[-2]), size_hint(key.shape[-2])
+    q_block = 256 if q_len >= 768 else 64 if q_len >= 192 else 32
+    return min(q_block, q_len), min(512, kv_len)
+
+
+def _accumulates_in(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _reduced_copy(dtype: torch.dtype) -> int:
+    """Bytes per element of the copy in ``dtype`` that a block in half or bfloat16
+    also gets; none where the kernel accumulates in ``dtype`` itself."""
+    return dtype.itemsize if _accumulates_in(dtype) != dtype else 0
+
+
+def _cpu_flash_attention(node: fx.Node, channels_last: bool) -> int:
+    # _scaled_dot_product_flash_attention_for_cpu(query, key, value, ...): q, k, v are
+    # (batch, heads, length, head size); per thread: a block of scores, its row maxima
+    # and sums, and a block of the output (and the scores again in half or bfloat16).
+    # Half with oneDNN packing (Intel AMX) pads and reorders more: not modelled.
+    query, key = _val(node.args[0]), _val(node.args[1])
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)):
+        return 0
+    q_block, kv_block = _flash_blocks(query, key)
+    head = size_hint(query.shape[-1])
+    accumulated = (q_block * kv_block + 2 * q_block + q_block * head) * _accumulates_in(query.dtype).itemsize
+    return torch.get_num_threads() * (accumulated + q_block * kv_block * _reduced_copy(query.dtype))
+
+
+def _cpu_flash_attention_backward(node: fx.Node, channels_last: bool) -> int:
+    # _scaled_dot_product_flash_attention_for_cpu_backward(grad_out, query, key, value,
+    # out, logsumexp, ...): per thread, a block of scores and one of their gradient
+    # (again in half or bfloat16), and each thread that gets a (batch, head) pair a row
+    # sum per query of its block; the kernel reads grad_out as (batch, length, heads,
+    # head size), copying it where that view is not contiguous.
+    grad_out, query, key = _val(node.args[0]), _val(node.args[1]), _val(node.args[2])
+    if not all(isinstance(t, torch.Tensor) for t in (grad_out, query, key)):
+        return 0
+    q_block, kv_block = _flash_blocks(query, key)
+    accumulate = _accumulates_in(query.dtype).itemsize
+    threads = torch.get_num_threads()
+    blocks = threads * 2 * q_block * kv_block * (accumulate + _reduced_copy(query.dtype))
+    working = min(threads, size_hint(query.shape[0]) * size_hint(query.shape[1]))
+    copy = 0 if _contiguous_in_order(grad_out, (0, 2, 1, 3)) else _bytes(grad_out)
+    return blocks + working * q_block * accumulate + copy
+
+
 _CPU_RULES = {
     aten.convolution.default: _cpu_convolution,
     aten.convolution_backward.default: _cpu_convolution_backward,
+    aten._scaled_dot_product_flash_attention_for_cpu.default: _cpu_flash_attention,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _cpu_flash_attention_backward,
 }
 
 
