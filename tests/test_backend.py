@@ -222,7 +222,7 @@ def test_the_buffer_pool_stays_where_it_fits(monkeypatch):
     for peak, budget, keep in [(1000, None, True), (1010, None, True), (1011, None, False), (1400, 1500, True), (1401, 1500, False),
                                (990, 900, True), (1000, 900, True), (1001, 900, False)]:
         pooled["peak"] = peak
-        decision, as_run = partitioner._buffer_pool(None, None, 1, plain, budget)
+        decision, as_run = partitioner._buffer_pool(None, None, 1, plain, fusions=None, budget_bytes=budget)
         assert decision is keep, (peak, budget)
         assert as_run.peak_bytes == (peak if keep else 1000)
 
