@@ -88,7 +88,7 @@ from remat._torch_internals import (
     size_hint,
 )
 from remat.cost_models.node_memo import input_nodes, per_node
-from remat.cost_models.sizes import node_storage_bytes, tensors_in
+from remat.cost_models.sizes import contiguous_at_hints, node_storage_bytes, tensors_in
 from remat.cost_models.workspace import workspace_bytes
 
 aten = torch.ops.aten
@@ -1012,15 +1012,9 @@ def _plain_layout(node: fx.Node) -> tuple[object, ...] | None:
 def _contiguous(node: fx.Node) -> tuple[int, torch.dtype] | None:
     """(elements, dtype) of a value contiguous in the FX graph; None for anything else."""
     value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor):
+    if not isinstance(value, torch.Tensor) or not contiguous_at_hints(value):
         return None
-    expected = 1
-    for size, stride in reversed(list(zip(value.shape, value.stride()))):
-        size = size_hint(size)
-        if size != 1 and size_hint(stride) != expected:
-            return None
-        expected *= size
-    return expected, value.dtype
+    return size_hint(value.numel()), value.dtype
 
 
 def _stored(node: fx.Node, expression: _Expression, members: set[fx.Node], returned: set[fx.Node]) -> bool:

@@ -71,6 +71,18 @@ def node_storages(node: fx.Node) -> tuple[tuple[int, int], ...]:
     return tuple((storage_key(t), storage_bytes(t)) for t in tensors_in(node.meta.get("val")))
 
 
+def contiguous_at_hints(value: torch.Tensor, order: Sequence[int] | None = None) -> bool:
+    """Whether ``value``, its dimensions taken in ``order`` (default: as they are), is
+    contiguous. Read at the hints, as ``packed_strides``: deciding must not add guards."""
+    expected = 1
+    for dim in reversed(range(value.dim()) if order is None else order):
+        size = size_hint(value.shape[dim])
+        if size != 1 and size_hint(value.stride()[dim]) != expected:
+            return False
+        expected *= size
+    return True
+
+
 def packed_strides(value: torch.Tensor) -> bool:
     """Whether the elements sit side by side, with no gaps and no overlaps, in some
     order of the dimensions (row-major, channels-last, ...). Read at the hints:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from remat._torch_internals import size_hint
-from remat.cost_models.sizes import packed_strides, tensor_size
+from remat.cost_models.sizes import contiguous_at_hints, packed_strides, tensor_size
 
 aten = torch.ops.aten
 
@@ -85,18 +85,6 @@ def _cpu_convolution_backward(node: fx.Node, channels_last: bool) -> int:
     return _bytes(x) + second + _bytes(weight) + _contiguous_copy(grad_out) + _contiguous_copy(x)
 
 
-def _contiguous_in_order(t: torch.Tensor, order: tuple[int, ...]) -> bool:
-    """Whether ``t``, its dimensions taken in ``order``, is contiguous. Read at the
-    hints, as ``sizes.packed_strides``: deciding must not add guards."""
-    expected = 1
-    for dim in reversed(order):
-        size = size_hint(t.shape[dim])
-        if size != 1 and size_hint(t.stride()[dim]) != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _flash_blocks(query: torch.Tensor, key: torch.Tensor) -> tuple[int, int]:
     """The query and key block lengths of PyTorch's CPU flash attention
     (``FlashAttentionKernel.cpp``): queries in blocks of 256 from 768 on, of 64 from
@@ -144,7 +132,7 @@ def _cpu_flash_attention_backward(node: fx.Node, channels_last: bool) -> int:
     threads = torch.get_num_threads()
     blocks = threads * 2 * q_block * kv_block * (accumulate + _reduced_copy(query.dtype))
     working = min(threads, size_hint(query.shape[0]) * size_hint(query.shape[1]))
-    copy = 0 if _contiguous_in_order(grad_out, (0, 2, 1, 3)) else _bytes(grad_out)
+    copy = 0 if contiguous_at_hints(grad_out, (0, 2, 1, 3)) else _bytes(grad_out)
     return blocks + working * q_block * accumulate + copy
 
 
